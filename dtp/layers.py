@@ -1,0 +1,163 @@
+"""Column- and row-parallel Linear layers whose parameters are DTensors on a 1-D tensor-parallel mesh."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+
+from .functional import column_linear, row_linear
+from .mesh import tp_submesh
+from .params import local_slice, shard_parameter
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear"]
+
+
+def _check_features(cls_name: str, in_features, out_features) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{cls_name}: {name} must be a positive int, got {value!r}")
+
+
+def _check_master_weight(cls_name: str, master_weight, out_features: int, in_features: int) -> torch.Tensor:
+    """The full weight, checked: a plain floating tensor of shape (out_features, in_features)."""
+    if isinstance(master_weight, DTensor) or not isinstance(master_weight, torch.Tensor):
+        raise TypeError(f"{cls_name}: master_weight must be a plain torch.Tensor of shape "
+                        f"({out_features}, {in_features}), got {type(master_weight).__name__}")
+    if master_weight.dim() != 2:
+        raise ValueError(f"{cls_name}: master_weight must be 2-D (out_features, in_features) = "
+                         f"({out_features}, {in_features}), got {master_weight.dim()}-D shape {tuple(master_weight.shape)}")
+    if tuple(master_weight.shape) != (out_features, in_features):
+        raise ValueError(f"{cls_name}: master_weight has shape {tuple(master_weight.shape)}, expected "
+                         f"(out_features, in_features) = ({out_features}, {in_features})")
+    if not master_weight.is_floating_point():
+        raise TypeError(f"{cls_name}: master_weight must be floating point, got {master_weight.dtype}")
+    return master_weight.detach()
+
+
+def linear_init_(weight: torch.Tensor, bias: torch.Tensor | None, generator=None) -> None:
+    """Fill a full weight/bias with the very calls nn.Linear.reset_parameters makes (same values per seed)."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    if bias is not None:
+        fan_in = weight.shape[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound, generator=generator)
+
+
+class _ParallelLinear(nn.Module):
+    """Shared construction: mesh, full-weight init (like nn.Linear), local slicing into DTensor params."""
+
+    weight_placement: Placement
+    bias_placement: Placement
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device_mesh: DeviceMesh | None = None, master_weight: torch.Tensor | None = None,
+                 use_local_output: bool = True, device=None, dtype=None):
+        super().__init__()
+        name = type(self).__name__
+        _check_features(name, in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.device_mesh = tp_submesh(device_mesh, name)
+        self.use_local_output = use_local_output
+        if master_weight is not None:
+            master_weight = _check_master_weight(name, master_weight, out_features, in_features)
+            device = device if device is not None else master_weight.device
+            dtype = dtype if dtype is not None else master_weight.dtype
+        device = torch.device(device) if device is not None else torch.device(self.device_mesh.device_type)
+        full_w = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        full_b = torch.empty(out_features, device=device, dtype=dtype) if bias else None
+        if device.type != "meta":
+            if master_weight is None:
+                linear_init_(full_w, full_b)
+            else:
+                full_w.copy_(master_weight)
+                if full_b is not None:
+                    full_b.zero_()
+        self.weight = shard_parameter(full_w, self.device_mesh, self.weight_placement)
+        self.bias = shard_parameter(full_b, self.device_mesh, self.bias_placement) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device_mesh: DeviceMesh | None = None, **kwargs):
+        """A parallel copy of an nn.Linear: each rank keeps its slice of linear's weight and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device_mesh=device_mesh,
+                    master_weight=linear.weight, **kwargs)
+        if linear.bias is not None:
+            layer.load_full_bias_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def load_full_bias_(self, full_bias: torch.Tensor) -> None:
+        """Copy this rank's slice of a full (out_features,) bias into the parameter."""
+        mesh = self.device_mesh
+        self.bias._local_tensor.copy_(local_slice(full_bias.detach(), self.bias_placement, mesh.size(),
+                                                  mesh.get_local_rank()))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Redraw like nn.Linear (the same full values for the same seed) and keep this rank's slice."""
+        w = self.weight._local_tensor
+        full_w = torch.empty(self.out_features, self.in_features, device=w.device, dtype=w.dtype)
+        full_b = torch.empty(self.out_features, device=w.device, dtype=w.dtype) if self.bias is not None else None
+        linear_init_(full_w, full_b)
+        mesh = self.device_mesh
+        w.copy_(local_slice(full_w, self.weight_placement, mesh.size(), mesh.get_local_rank()))
+        if full_b is not None:
+            self.load_full_bias_(full_b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"tp={self.device_mesh.size()}, {self._layout_repr()}")
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """Y = X Wᵀ + b, W and b split by output features (Shard(0)); forward all-gather of Y if gather_output, backward all-reduce of dX.
+
+    `input_layout=Shard(1)` (sequence parallel) all-gathers X in the forward and reduce-scatters
+    dX in the backward instead.  With `gather_output=False` the output stays sharded on its last
+    dim (no collective), ready for a RowParallelLinear.
+    """
+
+    weight_placement = Shard(0)
+    bias_placement = Shard(0)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gather_output: bool = True,
+                 input_layout: Placement | None = None, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self.gather_output = gather_output
+        self.input_layout = input_layout or Replicate()
+
+    def forward(self, x):
+        return column_linear(x, self.weight, self.bias, gather_output=self.gather_output,
+                             input_layout=self.input_layout, use_local_output=self.use_local_output)
+
+    def _layout_repr(self) -> str:
+        return f"input_layout={self.input_layout}, gather_output={self.gather_output}"
+
+
+class RowParallelLinear(_ParallelLinear):
+    """Y = Σ_ranks X_r W_rᵀ + b, W split by input features (Shard(1)), b replicated; forward all-reduce of Y (reduce-scatter for output_layout=Shard(d)).
+
+    With `input_is_parallel=True` X is this rank's slice of the last dim (as a ColumnParallelLinear
+    with gather_output=False produces); otherwise X is full and sliced locally (no collective).
+    """
+
+    weight_placement = Shard(1)
+    bias_placement = Replicate()
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_is_parallel: bool = False,
+                 output_layout: Placement | None = None, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self.input_is_parallel = input_is_parallel
+        self.output_layout = output_layout or Replicate()
+
+    def forward(self, x):
+        return row_linear(x, self.weight, self.bias, input_is_parallel=self.input_is_parallel,
+                          output_layout=self.output_layout, use_local_output=self.use_local_output)
+
+    def _layout_repr(self) -> str:
+        return f"input_is_parallel={self.input_is_parallel}, output_layout={self.output_layout}"

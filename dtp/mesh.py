@@ -1,0 +1,93 @@
+"""Device meshes: the default 1-D ("tp",) mesh over the default process group, and init_mesh(tp=, dp=)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+__all__ = ["default_mesh", "init_mesh", "mesh_device_type", "tp_submesh", "check_divisible"]
+
+# One default mesh per default process group (keyed by the group object itself), so every
+# layer built without an explicit mesh shares it and it is rebuilt after a re-init.
+_default_meshes: list[tuple[object, DeviceMesh]] = []
+
+
+def _require_process_group() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "dtp needs an initialised default process group: call "
+            "torch.distributed.init_process_group(backend=...) first (gloo for CPU, nccl for GPU)"
+        )
+
+
+def mesh_device_type() -> str:
+    """The device type the default process group's backend talks to: gloo -> cpu, nccl -> cuda."""
+    _require_process_group()
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend or "xccl" in backend:
+        return "cuda" if "nccl" in backend else "xpu"
+    return "cpu"
+
+
+def default_mesh() -> DeviceMesh:
+    """The whole default process group as a 1-D mesh named ("tp",); created once and reused."""
+    _require_process_group()
+    world = dist.group.WORLD
+    for group, mesh in _default_meshes:
+        if group is world:
+            return mesh
+    _default_meshes.clear()  # the old group was destroyed; its mesh is stale
+    mesh = init_device_mesh(mesh_device_type(), (dist.get_world_size(),), mesh_dim_names=("tp",))
+    _default_meshes.append((world, mesh))
+    return mesh
+
+
+def init_mesh(tp: int | None = None, dp: int | None = None, *, device_type: str | None = None) -> DeviceMesh:
+    """A named mesh over the default process group: 1-D ("tp",), or 2-D ("dp", "tp") when dp is given
+    or tp is smaller than the world size.  Sizes are checked (on every rank, before any collective)."""
+    _require_process_group()
+    world = dist.get_world_size()
+    for name, value in (("tp", tp), ("dp", dp)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"init_mesh: {name} must be a positive int, got {value!r}")
+    if tp is None and dp is None:
+        tp = world
+    elif tp is None:
+        if world % dp:
+            raise ValueError(f"init_mesh: dp={dp} does not divide the world size {world}")
+        tp = world // dp
+    elif dp is None and tp != world:
+        if world % tp:
+            raise ValueError(f"init_mesh: tp={tp} does not divide the world size {world}")
+        dp = world // tp
+    if (dp or 1) * tp != world:
+        raise ValueError(f"init_mesh: dp={dp} x tp={tp} = {(dp or 1) * tp}, but the world size is {world}; "
+                         f"the mesh sizes must multiply to the world size")
+    device_type = device_type or mesh_device_type()
+    if dp is None:
+        if device_type == mesh_device_type():
+            return default_mesh()
+        return init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))
+    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def tp_submesh(mesh: DeviceMesh | None, what: str = "layer") -> DeviceMesh:
+    """The 1-D tensor-parallel mesh: mesh itself if 1-D, mesh["tp"] if it has a "tp" axis; else a clear error."""
+    if mesh is None:
+        return default_mesh()
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"{what}: device_mesh must be a torch DeviceMesh, got {type(mesh).__name__}")
+    if mesh.ndim == 1:
+        return mesh
+    names = mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        raise ValueError(f"{what}: the {mesh.ndim}-D device_mesh has axes {names or 'without names'}; "
+                         f"tensor parallelism needs a 1-D mesh or an axis named 'tp'")
+    return mesh["tp"]
+
+
+def check_divisible(what: str, name: str, size: int, world: int) -> None:
+    """ValueError naming the dimension, its size and the world size when size % world != 0."""
+    if size % world:
+        raise ValueError(f"{what}: {name}={size} is not divisible by the world size {world}; "
+                         f"{name} must be a multiple of {world}")

@@ -1,0 +1,203 @@
+"""Run a function on N ranks with real process groups, reusing the worker processes.
+
+A fresh spawn of gloo ranks costs ~6 s (torch import plus rendezvous); a `RankPool` pays it
+once and then runs each case in well under a second.  Each worker has one thread, a default
+process group (gloo on CPU, NCCL when every rank has its own GPU), and a per-case timeout.
+When a rank raises, the failure carries that rank's traceback; ranks left waiting in a
+collective are killed and the pool restarts on its next use, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["RankPool", "RankError", "run_on_ranks", "pick_backend", "rank_device"]
+
+
+class RankError(RuntimeError):
+    """One or more ranks raised, timed out or died; the message holds each rank's story."""
+
+
+def pick_backend(world_size: int) -> str:
+    """NCCL when every rank can have its own GPU, gloo otherwise."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def rank_device() -> torch.device:
+    """This rank's device under the default process group: cuda:<local rank> for NCCL, else cpu."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+        )
+        results.put((None, rank, "ready", None))
+    except BaseException:
+        results.put((None, rank, "err", traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        case_id, fn, args, kwargs = task
+        try:
+            results.put((case_id, rank, "ok", fn(*args, **kwargs)))
+        except BaseException:
+            results.put((case_id, rank, "err", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """`world_size` long-lived worker ranks; `run(fn, ...)` calls fn on all and returns their results by rank."""
+
+    def __init__(self, world_size: int, *, backend: str | None = None, timeout: float = 120.0,
+                 pg_timeout: float = 60.0):
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        self.world_size = world_size
+        self.backend = backend or pick_backend(world_size)
+        self.timeout = timeout
+        self.pg_timeout = pg_timeout
+        self._ctx = mp.get_context("spawn")
+        self._procs: list = []
+        self._case_ids = itertools.count()
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> "RankPool":
+        """Spawn the workers (non-blocking); `run` waits for them to be ready."""
+        if self._procs:
+            return self
+        fd, self._init_file = tempfile.mkstemp(prefix="dtp_rdzv_")
+        os.close(fd)
+        os.unlink(self._init_file)
+        self._results = self._ctx.Queue()
+        self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
+        self._ready = False
+        for rank in range(self.world_size):
+            p = self._ctx.Process(
+                target=_worker,
+                args=(rank, self.world_size, self._init_file, self.backend, self.pg_timeout,
+                      self._tasks[rank], self._results),
+                daemon=True,
+            )
+            p.start()
+            self._procs.append(p)
+        return self
+
+    def _wait_ready(self) -> None:
+        if self._ready:
+            return
+        replies = self._collect(None, self.timeout + 60.0)
+        self._raise_if_failed(replies, "starting the ranks")
+        self._ready = True
+
+    def close(self) -> None:
+        """Stop the workers: politely if they are idle, by force otherwise."""
+        if not self._procs:
+            return
+        if self._ready:
+            for q in self._tasks:
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=5)
+        self._kill()
+
+    def _kill(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(timeout=5)
+        self._procs = []
+        self._ready = False
+        if getattr(self, "_init_file", None) and os.path.exists(self._init_file):
+            os.unlink(self._init_file)
+
+    def __enter__(self) -> "RankPool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, fn: Callable, *args: Any, timeout: float | None = None, **kwargs: Any) -> list:
+        """Call fn(*args, **kwargs) on every rank; return [result of rank 0, rank 1, ...].
+
+        fn must be picklable (a module-level function or a functools.partial of one).  Raises
+        RankError with the failing ranks' tracebacks if any rank raises, dies or times out.
+        """
+        self.start()
+        self._wait_ready()
+        case_id = next(self._case_ids)
+        for q in self._tasks:
+            q.put((case_id, fn, args, kwargs))
+        replies = self._collect(case_id, timeout or self.timeout)
+        self._raise_if_failed(replies, getattr(fn, "__name__", repr(fn)))
+        return [replies[r][1] for r in range(self.world_size)]
+
+    def _collect(self, case_id, timeout: float) -> dict:
+        """Gather one reply per rank; after a failure give the others a short grace period."""
+        replies: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        grace_set = False
+        while len(replies) < self.world_size:
+            if not grace_set and any(kind == "err" for kind, _ in replies.values()):
+                deadline, grace_set = min(deadline, time.monotonic() + 3.0), True
+            try:
+                cid, rank, kind, payload = self._results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in replies]
+                for r in dead:
+                    replies[r] = ("err", f"rank {r} died (exit code {self._procs[r].exitcode})")
+                if time.monotonic() > deadline:
+                    break
+                continue
+            if cid == case_id:
+                replies[rank] = (kind, payload)
+        return replies
+
+    def _raise_if_failed(self, replies: dict, what: str) -> None:
+        failed = {r: v for r, v in replies.items() if v[0] == "err"}
+        missing = [r for r in range(self.world_size) if r not in replies]
+        if not failed and not missing:
+            return
+        # Ranks may be stuck in a collective with a failed peer: start afresh next time.
+        self._kill()
+        parts = [f"{what} failed on {self.world_size} ranks ({self.backend})"]
+        for r, (_, tb) in sorted(failed.items()):
+            parts.append(f"--- rank {r} raised ---\n{tb}")
+        if missing:
+            parts.append(f"--- ranks {missing} gave no answer (timed out or stuck in a collective) ---")
+        raise RankError("\n".join(parts))
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None = None,
+                 timeout: float = 300.0, **kwargs: Any) -> list:
+    """Spawn `world_size` ranks, run fn on each, return the results by rank, and stop them."""
+    with RankPool(world_size, backend=backend, timeout=timeout) as pool:
+        return pool.run(fn, *args, **kwargs)

@@ -1,0 +1,33 @@
+"""Session-wide rank pools: one set of gloo workers per world size, started once and reused."""
+
+import pytest
+
+from dtp.testing import RankPool
+
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+class RankPools:
+    """`pools.run(world_size, fn, *args)` runs fn on that many ranks; all pools start together on first use."""
+
+    def __init__(self):
+        self._pools = {}
+
+    def run(self, world_size, fn, *args, **kwargs):
+        if not self._pools:
+            for ws in WORLD_SIZES:  # spawn every size at once: the startup costs overlap
+                self._pools[ws] = RankPool(ws, timeout=120.0).start()
+        if world_size not in self._pools:
+            self._pools[world_size] = RankPool(world_size, timeout=120.0).start()
+        return self._pools[world_size].run(fn, *args, **kwargs)
+
+    def close(self):
+        for pool in self._pools.values():
+            pool.close()
+
+
+@pytest.fixture(scope="session")
+def pools():
+    p = RankPools()
+    yield p
+    p.close()

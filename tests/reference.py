@@ -1,0 +1,53 @@
+"""Helpers the test cases share: tolerances, comparisons with single-process results, collective counts."""
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
+
+from dtp.params import local_slice
+
+TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+              torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def rank_world():
+    return dist.get_rank(), dist.get_world_size()
+
+
+def assert_close(actual, expected, what, dtype=torch.float32, scale=1.0):
+    """actual == expected within the dtype's tolerance (scaled by the magnitude of expected)."""
+    assert not isinstance(actual, DTensor), f"{what}: got a DTensor where a plain tensor was expected"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    tol = TOLERANCES[dtype]
+    mag = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), rtol=tol["rtol"] * scale,
+                               atol=tol["atol"] * scale * mag, msg=lambda m: f"{what}: {m}")
+
+
+def assert_shard_close(param_or_grad, full_expected, placement, what, dtype=torch.float32, scale=1.0):
+    """A DTensor's local shard equals this rank's slice of the full single-process tensor."""
+    assert isinstance(param_or_grad, DTensor), f"{what}: expected a DTensor, got {type(param_or_grad).__name__}"
+    assert param_or_grad.placements == (placement,), f"{what}: placements {param_or_grad.placements} != ({placement},)"
+    rank, world = param_or_grad.device_mesh.get_local_rank(), param_or_grad.device_mesh.size()
+    assert_close(param_or_grad.to_local(), local_slice(full_expected, placement, world, rank), what, dtype, scale)
+
+
+def count_collectives(fn):
+    """Run fn under CommDebugMode; return (fn's result, Counter of collective kinds)."""
+    with CommDebugMode() as mode:
+        out = fn()
+    counts = Counter()
+    for op, n in mode.get_comm_counts().items():
+        name = str(op)
+        for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "allreduce",
+                     "allgather", "reduce_scatter_tensor"):
+            if kind in name:
+                counts[kind.replace("allreduce", "all_reduce").replace("allgather", "all_gather")
+                       .replace("reduce_scatter_tensor", "reduce_scatter")] += n
+                break
+        else:
+            counts[name] += n
+    return out, counts
