@@ -1,14 +1,25 @@
 """dtp: tensor parallelism for PyTorch on DTensor and DeviceMesh, at hand-written speed."""
 
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from .embedding import VocabParallelEmbedding, column_embedding, vocab_parallel_embedding
 from .functional import column_linear, row_linear
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .loss import vocab_parallel_cross_entropy
 from .mesh import default_mesh, init_mesh
+from .parallelize import applied_styles, explain_plan, parallelize_module
+from .styles import (ColwiseParallel, ParallelStyle, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
+                     SequenceParallel, VocabParallel)
 
 __all__ = [
-    "ColumnParallelLinear",
-    "RowParallelLinear",
-    "column_linear",
-    "row_linear",
-    "default_mesh",
-    "init_mesh",
+    # layers and their functional core
+    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+    "column_linear", "row_linear", "vocab_parallel_embedding", "column_embedding",
+    "vocab_parallel_cross_entropy",
+    # meshes and plans
+    "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles",
+    "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
+    "PrepareModuleInput", "PrepareModuleOutput",
+    # torch's placements, re-exported for plans
+    "Shard", "Replicate", "Partial",
 ]

@@ -57,9 +57,9 @@ class Pending:
         return self._finish(out) if self._finish is not None else out
 
 
-def all_reduce(t: torch.Tensor, axis: AxisGroup) -> Pending:
-    """Sum of t over the axis, on every rank (one all-reduce)."""
-    return Pending(_c10d.all_reduce(t.contiguous(), "sum", axis.name))
+def all_reduce(t: torch.Tensor, axis: AxisGroup, op: str = "sum") -> Pending:
+    """Sum (or max, min, ...) of t over the axis, on every rank (one all-reduce)."""
+    return Pending(_c10d.all_reduce(t.contiguous(), op, axis.name))
 
 
 def all_gather(t: torch.Tensor, dim: int, sizes: tuple[int, ...], axis: AxisGroup) -> Pending:

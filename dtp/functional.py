@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from .collectives import AxisGroup, all_gather, all_reduce, chunk_sizes, reduce_scatter
 from .params import dtensor_from_local
@@ -45,13 +45,21 @@ def _matmul_grads(g: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool):
     return grad_w, grad_b
 
 
+PARTIAL_GRAD = "partial"
+
+
 class ColumnLinearFn(torch.autograd.Function):
-    """Y = X Wᵀ + b, W Shard(0): fwd all-gather X (if sequence-sharded) and Y (if gathered); bwd one collective on dX."""
+    """Y = X Wᵀ + b, W Shard(0): fwd all-gather X (if sequence-sharded) and Y (if gathered); bwd one collective on dX.
+
+    in_dim: None = X replicated, dX all-reduced; PARTIAL_GRAD = X replicated, dX left partial for
+    the caller to reduce (a DTensor input: many layers' partial dX are summed first, reduced once);
+    an int = X sharded on that dim (sequence parallel), all-gathered, dX reduce-scattered.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, axis, in_dim, in_sizes, out_sizes):
         w = weight._local_tensor
-        x_full = x if in_dim is None else all_gather(x, in_dim, in_sizes, axis).wait()
+        x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
         y = F.linear(x_full, w, None if bias is None else bias._local_tensor)
         ctx.save_for_backward(x_full, w)
         ctx.params = (weight, bias)
@@ -67,15 +75,16 @@ class ColumnLinearFn(torch.autograd.Function):
         axis, in_dim, in_sizes, out_sizes = ctx.layout
         if out_sizes is not None:  # gathered output: keep our slice of the (replicated) gradient
             g = g.narrow(-1, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
-        pending = None
+        pending = grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g.matmul(w)  # this rank's share of dX: summed over the axis below
             if in_dim is None:
                 pending = all_reduce(grad_x, axis)
-            else:
+            elif in_dim is not PARTIAL_GRAD:
                 pending = reduce_scatter(grad_x, in_dim, in_sizes, axis)
         grad_w, grad_b = _matmul_grads(g, x_full, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grad_x = pending.wait() if pending is not None else None
+        if pending is not None:
+            grad_x = pending.wait()
         return (grad_x, _grad_dtensor(grad_w, weight), _grad_dtensor(grad_b, bias), None, None, None, None)
 
 
@@ -149,18 +158,23 @@ def column_linear(x, weight: DTensor, bias: DTensor | None = None, *, gather_out
 
     X is replicated (a plain tensor counts as Replicate) or, for sequence parallelism, sharded on
     a non-last dim (`input_layout=Shard(1)` or such a DTensor): then the forward all-gathers X and
-    the backward reduce-scatters dX instead.
+    the backward reduce-scatters dX instead.  A replicated DTensor X gets a Partial gradient, which
+    DTensor reduces where X was made, once for all the layers that read it.
     """
     mesh = weight.device_mesh
     axis = axis_of(mesh)
     if isinstance(x, DTensor) and not _is_sequence_or_replicate(x.placements[-1], x.dim()):
         x = x.redistribute(x.device_mesh, [Replicate()])  # e.g. Partial or feature-sharded: make it whole
-    x, placement, global_shape = as_local(x, "column_linear")
-    placement = placement if placement is not None else (input_layout or Replicate())
+    in_dim = in_sizes = None
+    if isinstance(x, DTensor) and isinstance(x.placements[-1], Replicate):
+        # Its owner reduces the gradient (DTensor Partial -> Replicate), once for all its consumers.
+        x, placement, global_shape, in_dim = x.to_local(grad_placements=[Partial()]), Replicate(), None, PARTIAL_GRAD
+    else:
+        x, placement, global_shape = as_local(x, "column_linear")
+        placement = placement if placement is not None else (input_layout or Replicate())
     if not _is_sequence_or_replicate(placement, x.dim()):
         raise ValueError(f"column_linear: input_layout must be Replicate() or Shard(d) on a non-feature "
                          f"dim d (sequence parallel), got {placement}")
-    in_dim = in_sizes = None
     if isinstance(placement, Shard):
         in_dim = placement.dim % x.dim()
         full = global_shape[in_dim] if global_shape is not None else x.shape[in_dim] * axis.size

@@ -69,7 +69,9 @@ def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results):
             results.put((case_id, rank, "ok", fn(*args, **kwargs)))
         except BaseException:
             results.put((case_id, rank, "err", traceback.format_exc()))
-    dist.destroy_process_group()
+    results.close()
+    results.join_thread()
+    os._exit(0)  # no process-group teardown handshakes: the pool is going away as a whole
 
 
 class RankPool:
@@ -116,15 +118,21 @@ class RankPool:
         self._raise_if_failed(replies, "starting the ranks")
         self._ready = True
 
-    def close(self) -> None:
-        """Stop the workers: politely if they are idle, by force otherwise."""
-        if not self._procs:
-            return
-        if self._ready:
+    def stop(self) -> None:
+        """Ask idle workers to exit (without waiting); `close` then reaps them."""
+        if self._procs and self._ready:
             for q in self._tasks:
                 q.put(None)
+            self._ready = False
+
+    def close(self) -> None:
+        """Stop the workers: politely if they are idle, by force after a few seconds."""
+        if not self._procs:
+            return
+        self.stop()
+        deadline = time.monotonic() + 5
         for p in self._procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
         self._kill()
 
     def _kill(self) -> None:

@@ -23,6 +23,8 @@ class RankPools:
 
     def close(self):
         for pool in self._pools.values():
+            pool.stop()
+        for pool in self._pools.values():
             pool.close()
 
 

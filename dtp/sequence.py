@@ -1,0 +1,58 @@
+"""Sequence parallelism: run a module (norm, dropout, ...) on this rank's slice of the sequence.
+
+The module's parameters become replicated DTensors; during forward they are swapped for their
+local tensors, whose gradients are all-reduced (each rank saw only its tokens: the classic bug
+this prevents is a norm weight gradient summed over one rank's tokens only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from .collectives import AxisGroup
+from .functional import axis_of, wrap_output
+from .replicate import local_parameters
+from .regions import replicated_local
+
+__all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forward"]
+
+
+def sequence_shard_of(x, mesh: DeviceMesh, seq_dim: int, what: str):
+    """(this rank's sequence shard of x, x's global shape); a plain tensor is taken as an even shard."""
+    if isinstance(x, DTensor):
+        placement = x.placements[-1]
+        seq = seq_dim % x.dim()
+        if isinstance(placement, Shard) and placement.dim % x.dim() != seq:
+            raise ValueError(f"{what}: expected an input sharded on the sequence dim {seq} (Shard({seq})), "
+                             f"got a DTensor sharded as {placement}; shapes {tuple(x.shape)}")
+        if placement != Shard(seq):
+            x = x.redistribute(mesh, [Shard(seq)])  # Replicate: keep our slice; Partial: reduce-scatter
+        return x.to_local(), tuple(x.shape)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: input must be a tensor, got {type(x).__name__}")
+    shape = list(x.shape)
+    shape[seq_dim % x.dim()] *= mesh.size()
+    return x, tuple(shape)
+
+
+def run_on_sequence_shard(module: nn.Module, x_local: torch.Tensor, args, kwargs, axis: AxisGroup):
+    """module's own forward on local tensors, its replicated parameters read through replicated_local."""
+    with local_parameters(module, lambda p: replicated_local(p, axis)):
+        return type(module).forward(module, x_local, *args, **kwargs)
+
+
+def sequence_parallel_forward(module: nn.Module, x, *args, **kwargs):
+    """Forward of a module under SequenceParallel: local math on the sequence shard, no activation collective."""
+    style = module._dtp_style
+    mesh = module._dtp_mesh
+    x_local, global_shape = sequence_shard_of(x, mesh, style.sequence_dim, f"SequenceParallel({module._dtp_path!r})")
+    y = run_on_sequence_shard(module, x_local, args, kwargs, axis_of(mesh))
+    if style.use_local_output or not isinstance(y, torch.Tensor):
+        return y
+    seq = style.sequence_dim % y.dim()
+    shape = list(y.shape)
+    shape[seq] = global_shape[seq]
+    return wrap_output(y, mesh, Shard(seq), shape)

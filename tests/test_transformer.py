@@ -1,0 +1,82 @@
+"""The GPT example parallelized only through its plan: logits, loss, every gradient and AdamW steps equal the single process."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
+import dtp
+from examples.gpt import GPT, GPTConfig, tp_plan
+
+from .reference import assert_close
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _step(model, ids, targets, parallel):
+    logits = model(ids)
+    if parallel:
+        assert isinstance(logits, DTensor) and logits.placements == (Shard(2),), logits
+        loss = dtp.vocab_parallel_cross_entropy(logits, targets)
+    else:
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    return logits, loss
+
+
+def case_transformer_matches(sp, cfg_kwargs, batch, seq, steps, dtype_name="float32", seed=0):
+    """Same logits, loss and per-parameter gradients (gathered to full), then the same parameters after AdamW steps.
+
+    Several AdamW steps are compared in float64: Adam's first steps move every parameter by about
+    ±lr whatever the gradient's size, so float32 rounding noise on a near-zero gradient (which two
+    single-process runs with different summation orders show as well) would flip whole steps.
+    """
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**cfg_kwargs)
+    single = GPT(cfg).to(dtype)
+    with torch.no_grad():  # non-trivial norm parameters, so their gradients are checked for real
+        for name, p in single.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    tp = dtp.parallelize_module(copy.deepcopy(single), dtp.default_mesh(), tp_plan(sp))
+    tp_params = dict(tp.named_parameters())
+    assert set(tp_params) == {n for n, _ in single.named_parameters()}
+    assert all(isinstance(p, DTensor) for p in tp_params.values()), "every parameter is a DTensor"
+    opt_single = torch.optim.AdamW(single.parameters(), lr=1e-2)
+    opt_tp = torch.optim.AdamW(tp.parameters(), lr=1e-2)
+    for step in range(steps):
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+        targets = torch.randint(0, cfg.vocab_size, (batch, seq))
+        logits_ref, loss_ref = _step(single, ids, targets, parallel=False)
+        logits, loss = _step(tp, ids, targets, parallel=True)
+        assert type(loss) is torch.Tensor
+        assert_close(full(logits), logits_ref, f"step {step} logits", dtype)
+        assert_close(loss, loss_ref, f"step {step} loss", dtype)
+        for name, p in single.named_parameters():
+            assert_close(full(tp_params[name].grad), p.grad, f"step {step} grad of {name}", dtype, scale=3.0)
+        opt_single.step()
+        opt_tp.step()
+        opt_single.zero_grad()
+        opt_tp.zero_grad()
+    if dtype == torch.float64:
+        for name, p in single.named_parameters():
+            assert_close(full(tp_params[name]), p, f"{name} after {steps} AdamW steps", dtype, scale=10.0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_transformer_matches_single_process(pools, world, sp):
+    pools.run(world, case_transformer_matches, sp, dict(), 2, 8, 1, "float32")  # float32 tolerance
+    pools.run(world, case_transformer_matches, sp, dict(), 2, 8, 4, "float64")  # then 4 AdamW steps
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_transformer_uneven_vocab_and_sequence_rmsnorm(pools, sp):
+    # vocab 30 and sequence 7 over 4 ranks: shards 8,8,8,6 and 2,2,2,1
+    pools.run(4, case_transformer_matches, sp, dict(vocab_size=30, norm="rms", bias=False), 2, 7, 1, "float32")
+    pools.run(4, case_transformer_matches, sp, dict(vocab_size=30, norm="rms", bias=False), 2, 7, 3, "float64")
