@@ -5,6 +5,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from .embedding import VocabParallelEmbedding, column_embedding, vocab_parallel_embedding
 from .functional import column_linear, row_linear
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .checkpoint import full_state_dict, load_full_state_dict
 from .loss import vocab_parallel_cross_entropy
 from .mesh import default_mesh, init_mesh
 from .parallelize import applied_styles, explain_plan, parallelize_module
@@ -20,6 +21,8 @@ __all__ = [
     "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles",
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "PrepareModuleInput", "PrepareModuleOutput",
+    # checkpoints
+    "full_state_dict", "load_full_state_dict",
     # torch's placements, re-exported for plans
     "Shard", "Replicate", "Partial",
 ]

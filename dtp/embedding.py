@@ -67,7 +67,7 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
         layout = Shard(seq_dim)
     else:
         raise ValueError(f"vocab_parallel_embedding: output_layout must be Replicate() or Shard(d) on a "
-                         f"token dim, got {output_layout}")
+                         f"token dim, got {output_layout!r}")
     return y if use_local_output else wrap_output(y, mesh, layout, partial.shape)
 
 

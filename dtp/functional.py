@@ -174,7 +174,7 @@ def column_linear(x, weight: DTensor, bias: DTensor | None = None, *, gather_out
         placement = placement if placement is not None else (input_layout or Replicate())
     if not _is_sequence_or_replicate(placement, x.dim()):
         raise ValueError(f"column_linear: input_layout must be Replicate() or Shard(d) on a non-feature "
-                         f"dim d (sequence parallel), got {placement}")
+                         f"dim d (sequence parallel), got {placement!r}")
     if isinstance(placement, Shard):
         in_dim = placement.dim % x.dim()
         full = global_shape[in_dim] if global_shape is not None else x.shape[in_dim] * axis.size
@@ -218,7 +218,7 @@ def row_linear(x, weight: DTensor, bias: DTensor | None = None, *, input_is_para
     out_layout = _normalize_dim(output_layout or Replicate(), x.dim())
     if not isinstance(out_layout, (Replicate, Shard)) or (isinstance(out_layout, Shard) and out_layout.dim == x.dim() - 1):
         raise ValueError(f"row_linear: output_layout must be Replicate() or Shard(d) with d not the "
-                         f"feature dim, got {output_layout}")
+                         f"feature dim, got {output_layout!r}")
     out_dim = out_layout.dim if isinstance(out_layout, Shard) else None
     y = RowLinearFn.apply(x, weight, bias, axis, in_sizes, split_input, out_dim)
     if use_local_output:

@@ -20,8 +20,8 @@ def _prepare(value, mesh, declared: Placement | None, desired: Placement | None,
         return value
     if isinstance(value, DTensor):
         if not _same(value.placements[-1], declared, value.dim()):
-            raise ValueError(f"{where}: the input is declared {declared} but arrived as a DTensor with placements "
-                             f"{value.placements} (global shape {tuple(value.shape)})")
+            raise ValueError(f"{where}: the input is declared {declared!r} but arrived as a DTensor with placements "
+                             f"{list(map(repr, value.placements))} (global shape {tuple(value.shape)})")
         dt = value
     elif isinstance(value, torch.Tensor):
         dt = DTensor.from_local(value, mesh, [declared], run_check=False)

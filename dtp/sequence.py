@@ -27,7 +27,7 @@ def sequence_shard_of(x, mesh: DeviceMesh, seq_dim: int, what: str):
         seq = seq_dim % x.dim()
         if isinstance(placement, Shard) and placement.dim % x.dim() != seq:
             raise ValueError(f"{what}: expected an input sharded on the sequence dim {seq} (Shard({seq})), "
-                             f"got a DTensor sharded as {placement}; shapes {tuple(x.shape)}")
+                             f"got a DTensor sharded as {placement!r}; shape {tuple(x.shape)}")
         if placement != Shard(seq):
             x = x.redistribute(mesh, [Shard(seq)])  # Replicate: keep our slice; Partial: reduce-scatter
         return x.to_local(), tuple(x.shape)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtp import (ColwiseParallel, PrepareModuleInput, Replicate, RowwiseParallel, SequenceParallel, Shard,
-                 VocabParallel)
+import dtp
+from dtp import Replicate, Shard
 
 
 @dataclass
@@ -92,14 +92,20 @@ class GPT(nn.Module):
         return self.output(self.norm(h))
 
 
-def tp_plan(sequence_parallel: bool = False) -> dict:
+def tp_plan(sequence_parallel: bool = False, styles=dtp) -> dict:
     """Heads split over ranks (wq/wk/wv column-wise, wo row-wise), MLP likewise, vocab-parallel embedding and
     lm-head (logits stay sharded over the vocab for the parallel loss).  With sequence_parallel the norms run
-    on sequence shards and the residual stream stays a DTensor sharded on the sequence (uneven lengths work)."""
+    on sequence shards and the residual stream stays a DTensor sharded on the sequence (uneven lengths work).
+
+    `styles` is where the style classes come from: dtp, or torch.distributed.tensor.parallel; the plan
+    is the same text either way.
+    """
+    ColwiseParallel, RowwiseParallel = styles.ColwiseParallel, styles.RowwiseParallel
+    PrepareModuleInput, SequenceParallel = styles.PrepareModuleInput, styles.SequenceParallel
     sp = sequence_parallel
     residual = Shard(1) if sp else Replicate()
     plan = {
-        "tok_embeddings": VocabParallel(output_layouts=residual, use_local_output=not sp),
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual, use_local_output=not sp),
         "layers.*.attention": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
         "layers.*.attention.w[qkv]": ColwiseParallel(),
         "layers.*.attention.wo": RowwiseParallel(output_layouts=residual, use_local_output=not sp),

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtp.params import local_slice
 
@@ -51,3 +52,22 @@ def count_collectives(fn):
         else:
             counts[name] += n
     return out, counts
+
+
+class _RecordCollectives(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "_c10d_functional." in name and "wait_tensor" not in name:
+            self.calls.append((name.split(".")[1], args[0].numel() if isinstance(args[0], torch.Tensor) else None))
+        return func(*args, **(kwargs or {}))
+
+
+def record_collectives(fn):
+    """Run fn; return (its result, [(functional collective op name, input numel), ...]) in issue order."""
+    with _RecordCollectives() as mode:
+        out = fn()
+    return out, mode.calls

@@ -10,7 +10,7 @@ from torch.distributed.tensor import DTensor, Shard
 import dtp
 from examples.gpt import GPT, GPTConfig, tp_plan
 
-from .reference import assert_close
+from .reference import assert_close, count_collectives, record_collectives
 
 
 def full(t):
@@ -80,3 +80,40 @@ def test_transformer_uneven_vocab_and_sequence_rmsnorm(pools, sp):
     # vocab 30 and sequence 7 over 4 ranks: shards 8,8,8,6 and 2,2,2,1
     pools.run(4, case_transformer_matches, sp, dict(vocab_size=30, norm="rms", bias=False), 2, 7, 1, "float32")
     pools.run(4, case_transformer_matches, sp, dict(vocab_size=30, norm="rms", bias=False), 2, 7, 3, "float64")
+
+
+def _block_step_counts(sp, n_layers):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layers=n_layers)
+    model = dtp.parallelize_module(GPT(cfg), dtp.default_mesh(), tp_plan(sp))
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    logits, fwd = count_collectives(lambda: model(ids))
+    loss = dtp.vocab_parallel_cross_entropy(logits, ids)
+    _, bwd = count_collectives(lambda: loss.backward())
+    _, calls = record_collectives(lambda: dtp.vocab_parallel_cross_entropy(model(ids), ids).backward())
+    return fwd, bwd, calls
+
+
+def case_counts_per_block(sp):
+    """Collectives of one transformer block per training step: the difference between 2 and 1 blocks."""
+    fwd1, bwd1, _ = _block_step_counts(sp, 1)
+    fwd2, bwd2, calls = _block_step_counts(sp, 2)
+    per_block = lambda a, b: {k: b[k] - a[k] for k in set(a) | set(b) if b[k] - a[k]}
+    all_reduce_sizes = [n for op, n in calls if op == "all_reduce"]
+    return per_block(fwd1, fwd2), per_block(bwd1, bwd2), all_reduce_sizes
+
+
+def test_collectives_per_block_without_sequence_parallel(pools):
+    fwd, bwd, _ = pools.run(2, case_counts_per_block, False)[0]
+    assert fwd == {"all_reduce": 2}  # after attention.wo and mlp.down
+    assert bwd == {"all_reduce": 2}  # the attention and mlp input gradients, once each (not per projection)
+
+
+def test_collectives_per_block_with_sequence_parallel(pools):
+    fwd, bwd, all_reduce_sizes = pools.run(2, case_counts_per_block, True)[0]
+    assert fwd == {"all_gather": 2, "reduce_scatter": 2}
+    # backward: the mirror image, plus the 4 LayerNorm parameter gradients (weight, bias of 2 norms)
+    assert bwd == {"all_gather": 2, "reduce_scatter": 2, "all_reduce": 4}
+    activation = 2 * 8 * GPTConfig().dim  # batch x seq x dim elements
+    assert all_reduce_sizes and max(all_reduce_sizes) < activation, \
+        f"an all-reduce moved activations: sizes {all_reduce_sizes}"

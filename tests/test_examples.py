@@ -1,0 +1,19 @@
+"""The examples train tensor-parallel models whose loss tracks the single-process loss step by step."""
+
+import pytest
+
+from examples.train_gpt import train as train_gpt
+from examples.train_mlp import train as train_mlp
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mlp_example(pools, world):
+    rows = pools.run(world, train_mlp, 5)[0]
+    assert all(abs(tp - single) < 1e-5 for _, tp, single in rows), rows
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_gpt_example(pools, sp):
+    rows = pools.run(2, train_gpt, 8, sp)[0]
+    assert all(abs(tp - single) < 1e-4 for _, tp, single in rows), rows
+    assert rows[-1][1] < rows[0][1], "the loss goes down"

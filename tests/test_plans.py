@@ -1,0 +1,174 @@
+"""parallelize_module: matching, reports, kept weights, meta-device models, torch-plan compatibility, bad plans."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed.tensor.parallel as torch_tp
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+import dtp
+from dtp.parallelize import _matches
+from examples.gpt import GPT, GPTConfig, tp_plan
+
+from .reference import assert_close
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@pytest.mark.parametrize("pattern,path,expected", [
+    ("layers.*.mlp.up", "layers.0.mlp.up", True),
+    ("layers.*.mlp.up", "layers.10.mlp.up", True),
+    ("layers.*", "layers.0.mlp", False),  # * never crosses a dot
+    ("*.up", "mlp.up", True),
+    ("layers.*.attention.w[qkv]", "layers.1.attention.wk", True),
+    ("layers.*.attention.w[qkv]", "layers.1.attention.wo", False),
+    ("", "", True),
+    ("", "mlp", False),
+])
+def test_pattern_matching_one_segment_at_a_time(pattern, path, expected):
+    assert _matches(pattern, path) is expected
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"up": nn.Linear(4, 8), "down": nn.Linear(8, 4)}) for _ in range(2))
+        self.conv = nn.Conv2d(1, 1, 1)
+
+
+def case_plan_errors():
+    mesh = dtp.default_mesh()
+    cases = [
+        ({"blocks.*.upp": dtp.ColwiseParallel()}, ValueError, ["'blocks.*.upp'", "matches no module"]),
+        ({"blocks.*.up": dtp.ColwiseParallel(), "blocks.0.*": dtp.RowwiseParallel()}, ValueError,
+         ["'blocks.0.up'", "'blocks.*.up'", "'blocks.0.*'"]),
+        ({"conv": dtp.ColwiseParallel()}, TypeError, ["'conv'", "ColwiseParallel", "Conv2d"]),
+        ({"blocks.0.up": torch_tp.ColwiseParallel()}, TypeError, ["'blocks.0.up'", "dtp style"]),
+        ({"blocks.0.up": dtp.ColwiseParallel(output_layouts=Shard(0))}, ValueError, ["output_layouts", "Shard(dim=0)"]),
+    ]
+    messages = []
+    for plan, exc, needles in cases:
+        model = Net()
+        before = {n: p.clone() for n, p in model.named_parameters()}
+        with pytest.raises(exc) as info:
+            dtp.parallelize_module(model, mesh, plan)
+        assert all(n in str(info.value) for n in needles), (needles, str(info.value))
+        for n, p in model.named_parameters():  # nothing was changed
+            assert not isinstance(p, DTensor) and torch.equal(p, before[n]), n
+        messages.append(str(info.value))
+    return messages
+
+
+def test_bad_plans_error_on_every_rank_and_change_nothing(pools):
+    per_rank = pools.run(2, case_plan_errors)
+    assert per_rank[0] == per_rank[1]
+
+
+def case_report_and_kept_weights():
+    rank = dtp.default_mesh().get_local_rank()
+    torch.manual_seed(0)
+    model = Net()
+    original = copy.deepcopy(model)
+    plan = {"blocks.*.up": dtp.ColwiseParallel(), "blocks.*.down": dtp.RowwiseParallel()}
+    assert set(dtp.explain_plan(model, plan)) == {"blocks.0.up", "blocks.1.up", "blocks.0.down", "blocks.1.down"}
+    assert dtp.parallelize_module(model, None, plan) is model
+    report = dtp.applied_styles(model)
+    assert report == {"blocks.0.up": dtp.ColwiseParallel(), "blocks.1.up": dtp.ColwiseParallel(),
+                      "blocks.0.down": dtp.RowwiseParallel(), "blocks.1.down": dtp.RowwiseParallel()}
+    assert isinstance(model.blocks[0]["up"], nn.Linear), "modules keep their class"
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor), f"{name} should be a DTensor (the conv is replicated)"
+        assert torch.equal(full(p), dict(original.named_parameters())[name]), f"{name} lost its values"
+    assert model.blocks[0]["up"].weight.placements == (Shard(0),)
+    assert model.blocks[0]["down"].weight.placements == (Shard(1),)
+    assert model.blocks[0]["down"].bias.placements == (Replicate(),)
+    x = torch.randn(3, 4)
+    y = model.blocks[0]["down"](model.blocks[0]["up"](x))
+    assert_close(y, original.blocks[0]["down"](original.blocks[0]["up"](x)), "Colwise -> Rowwise")
+    return rank
+
+
+def test_report_kept_weights_and_classes(pools):
+    assert pools.run(2, case_report_and_kept_weights) == [0, 1]
+
+
+def case_meta_device_model(sp):
+    """Parallelize a model built on meta, then load the full weights: no rank materialises the whole model."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, dim=64, hidden=128, n_layers=2)
+    reference = GPT(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    dtp.parallelize_module(model, None, tp_plan(sp))
+    assert all(p.to_local().device.type == "meta" for p in model.parameters())
+    model.to_empty(device="cpu")
+    dtp.load_full_state_dict(model, reference.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    assert_close(full(model(ids)), reference(ids), "meta-built model after loading")
+    local = sum(p.to_local().numel() for p in model.parameters())
+    total = sum(p.numel() for p in reference.parameters())
+    return local, total
+
+
+def test_meta_device_then_load(pools):
+    (local, total), *_ = pools.run(4, case_meta_device_model, False)
+    assert local < 0.35 * total  # ~1/4 of the matrices plus replicated norms and biases
+    pools.run(2, case_meta_device_model, True)
+
+
+def case_torch_plan_unchanged(sp):
+    """The same plan text through torch's parallelize_module and through dtp's gives the same model."""
+    torch.manual_seed(0)
+    cfg = GPTConfig()
+    single = GPT(cfg)
+    mesh = dtp.default_mesh()
+    with_torch = torch_tp.parallelize_module(copy.deepcopy(single), mesh, tp_plan(sp, styles=torch_tp))
+    with_dtp = dtp.parallelize_module(copy.deepcopy(single), mesh, tp_plan(sp, styles=dtp))
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    losses = []
+    for model in (with_torch, with_dtp):
+        logits = model(ids)
+        assert logits.placements == (Shard(2),)
+        loss = dtp.vocab_parallel_cross_entropy(logits, ids)
+        loss.backward()
+        losses.append(loss)
+        assert_close(full(logits), single(ids), "logits")
+    assert_close(losses[1], losses[0], "dtp loss vs torch loss")
+    grads = {n: p.grad for n, p in with_torch.named_parameters()}
+    for name, p in with_dtp.named_parameters():
+        assert_close(full(p.grad), full(grads[name]), f"grad of {name}: dtp vs torch", scale=3.0)
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_torch_plan_runs_unchanged(pools, sp):
+    pools.run(2, case_torch_plan_unchanged, sp)
+
+
+def case_bad_inputs():
+    """Heads that do not divide, a sequence-parallel input sharded otherwise than declared: clear errors."""
+    messages = []
+    with pytest.raises(ValueError) as info:
+        dtp.parallelize_module(GPT(GPTConfig(n_heads=3, dim=24)), None, tp_plan(False))
+    assert "n_heads=3" in str(info.value) and "tp size 2" in str(info.value) and "layers.0.attention" in str(info.value)
+    messages.append(str(info.value))
+    model = dtp.parallelize_module(GPT(GPTConfig()), None, tp_plan(True))
+    mesh = dtp.default_mesh()
+    wrong = DTensor.from_local(torch.randn(2, 8, 16), mesh, [Shard(2)], run_check=False)
+    for module, what in ((model.layers[0].attention_norm, "SequenceParallel('layers.0.attention_norm')"),
+                         (model.layers[0].attention, "PrepareModuleInput('layers.0.attention')")):
+        with pytest.raises(ValueError) as info:
+            module(wrong)
+        assert what in str(info.value) and "Shard(dim=2)" in str(info.value), str(info.value)
+        messages.append(str(info.value))
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        model(torch.tensor([[0, 1, 96]]))
+    return messages
+
+
+def test_bad_inputs_error_on_every_rank(pools):
+    per_rank = pools.run(2, case_bad_inputs)
+    assert per_rank[0] == per_rank[1]
