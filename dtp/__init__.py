@@ -5,10 +5,13 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from .embedding import VocabParallelEmbedding, column_embedding, vocab_parallel_embedding
 from .functional import column_linear, row_linear
 from .layers import ColumnParallelLinear, RowParallelLinear
-from .checkpoint import full_state_dict, load_full_state_dict
+from .checkpoint import full_state_dict, load_checkpoint, load_full_state_dict, save_checkpoint
+from .compose import clip_grad_norm_, parallelize_2d
+from .data_parallel import replicate_over
 from .loss import vocab_parallel_cross_entropy
 from .mesh import default_mesh, init_mesh
 from .parallelize import applied_styles, explain_plan, parallelize_module
+from .verify import VerifyReport, verify
 from .styles import (ColwiseParallel, ParallelStyle, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
                      SequenceParallel, VocabParallel)
 
@@ -21,8 +24,10 @@ __all__ = [
     "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles",
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "PrepareModuleInput", "PrepareModuleOutput",
+    # 2-D composition and the reference verifier
+    "parallelize_2d", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport",
     # checkpoints
-    "full_state_dict", "load_full_state_dict",
+    "full_state_dict", "load_full_state_dict", "save_checkpoint", "load_checkpoint",
     # torch's placements, re-exported for plans
     "Shard", "Replicate", "Partial",
 ]

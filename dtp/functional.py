@@ -58,7 +58,7 @@ class ColumnLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, axis, in_dim, in_sizes, out_sizes):
-        w = weight._local_tensor
+        w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
         x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
         y = F.linear(x_full, w, None if bias is None else bias._local_tensor)
         ctx.save_for_backward(x_full, w)
@@ -93,7 +93,7 @@ class RowLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, axis, in_sizes, split_input, out_dim):
-        w = weight._local_tensor
+        w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
         if split_input:  # a full input: keep our slice of its last dim, no communication
             x = x.narrow(-1, sum(in_sizes[: axis.rank]), in_sizes[axis.rank])
         partial = F.linear(x, w)

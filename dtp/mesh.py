@@ -7,9 +7,20 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 __all__ = ["default_mesh", "init_mesh", "mesh_device_type", "tp_submesh", "check_divisible"]
 
-# One default mesh per default process group (keyed by the group object itself), so every
-# layer built without an explicit mesh shares it and it is rebuilt after a re-init.
-_default_meshes: list[tuple[object, DeviceMesh]] = []
+# Meshes are cached per default process group (keyed by the group object itself): every layer
+# built without an explicit mesh shares one, init_mesh does not create new sub-groups on every
+# call, and all is rebuilt after a re-init.
+_meshes: list[tuple[object, dict]] = []
+
+
+def _cache() -> dict:
+    world = dist.group.WORLD
+    for group, cache in _meshes:
+        if group is world:
+            return cache
+    _meshes.clear()  # the old group was destroyed; its meshes are stale
+    _meshes.append((world, {}))
+    return _meshes[0][1]
 
 
 def _require_process_group() -> None:
@@ -32,19 +43,21 @@ def mesh_device_type() -> str:
 def default_mesh() -> DeviceMesh:
     """The whole default process group as a 1-D mesh named ("tp",); created once and reused."""
     _require_process_group()
-    world = dist.group.WORLD
-    for group, mesh in _default_meshes:
-        if group is world:
-            return mesh
-    _default_meshes.clear()  # the old group was destroyed; its mesh is stale
-    mesh = init_device_mesh(mesh_device_type(), (dist.get_world_size(),), mesh_dim_names=("tp",))
-    _default_meshes.append((world, mesh))
-    return mesh
+    return _named_mesh(mesh_device_type(), (dist.get_world_size(),), ("tp",))
+
+
+def _named_mesh(device_type: str, shape: tuple, names: tuple) -> DeviceMesh:
+    cache = _cache()
+    key = (device_type, shape, names)
+    if key not in cache:
+        cache[key] = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    return cache[key]
 
 
 def init_mesh(tp: int | None = None, dp: int | None = None, *, device_type: str | None = None) -> DeviceMesh:
     """A named mesh over the default process group: 1-D ("tp",), or 2-D ("dp", "tp") when dp is given
-    or tp is smaller than the world size.  Sizes are checked (on every rank, before any collective)."""
+    or tp is smaller than the world size.  Sizes are checked (on every rank, before any collective);
+    the same sizes give the same mesh object again."""
     _require_process_group()
     world = dist.get_world_size()
     for name, value in (("tp", tp), ("dp", dp)):
@@ -65,10 +78,8 @@ def init_mesh(tp: int | None = None, dp: int | None = None, *, device_type: str 
                          f"the mesh sizes must multiply to the world size")
     device_type = device_type or mesh_device_type()
     if dp is None:
-        if device_type == mesh_device_type():
-            return default_mesh()
-        return init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))
-    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+        return _named_mesh(device_type, (tp,), ("tp",))
+    return _named_mesh(device_type, (dp, tp), ("dp", "tp"))
 
 
 def tp_submesh(mesh: DeviceMesh | None, what: str = "layer") -> DeviceMesh:

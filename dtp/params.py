@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .collectives import chunk_offset, chunk_sizes
 
@@ -56,5 +57,9 @@ def shard_parameter(full: torch.Tensor, mesh: DeviceMesh, placement: Placement, 
         local = torch.empty(local_shape(full.shape, placement, world, rank), dtype=full.dtype, device="meta")
     else:
         local = local_slice(full.detach(), placement, world, rank).clone().contiguous()
-    return nn.Parameter(dtensor_from_local(local, mesh, placement, full.shape), requires_grad=requires_grad)
+    # Built directly (not via from_local, which would make the local tensor a view created without
+    # grad tracking): the parameter's local tensor is a plain leaf, so it can be handed to DDP.
+    shape = torch.Size(full.shape)
+    spec = DTensorSpec(mesh, (placement,), TensorMeta(shape, contiguous_stride(shape), full.dtype))
+    return nn.Parameter(DTensor(local, spec, requires_grad=requires_grad), requires_grad=requires_grad)
 
