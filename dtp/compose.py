@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable
 
 import torch
@@ -26,7 +27,9 @@ def _avg_reduce_scatter_sums(mesh: DeviceMesh) -> bool:
     key = group.group_name
     if key not in _AVG_PROBES:
         out = torch.empty(1)
-        dist.reduce_scatter_tensor(out, torch.ones(mesh.size()), op=dist.ReduceOp.AVG, group=group)
+        with warnings.catch_warnings():  # newer torch renames the call; the probe is about older ones
+            warnings.simplefilter("ignore", FutureWarning)
+            dist.reduce_scatter_tensor(out, torch.ones(mesh.size()), op=dist.ReduceOp.AVG, group=group)
         _AVG_PROBES[key] = bool(out.item() > 1.5)
     return _AVG_PROBES[key]
 

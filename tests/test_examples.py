@@ -2,6 +2,7 @@
 
 import pytest
 
+from examples.checkpoint_reshard import first_run, resumed_run
 from examples.train_gpt import train as train_gpt
 from examples.train_mlp import train as train_mlp
 
@@ -17,3 +18,13 @@ def test_gpt_example(pools, sp):
     rows = pools.run(2, train_gpt, 8, sp)[0]
     assert all(abs(tp - single) < 1e-4 for _, tp, single in rows), rows
     assert rows[-1][1] < rows[0][1], "the loss goes down"
+
+
+@pytest.mark.parametrize("reload_world", [4, 1])
+def test_checkpoint_reshard_example_continues_with_the_same_loss(pools, tmp_path, reload_world):
+    path = str(tmp_path / "ckpt")
+    straight = pools.run(4, first_run, path, 3, 6)[0]
+    resumed = pools.run(reload_world, resumed_run, path, 3, 6)[0]
+    assert len(resumed) == 3
+    for a, b in zip(straight[3:], resumed):
+        assert abs(a - b) < 1e-5, (straight, resumed)
