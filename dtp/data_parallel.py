@@ -36,7 +36,7 @@ class _GradientAverager:
         grad = _local(param.grad)
         if not self.pending:
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-        self.pending.append((grad, all_reduce(grad, self.axis)))
+        self.pending.append((grad, all_reduce(grad, self.axis, inplace=True)))
 
     def finish(self) -> None:
         for grad, pending in self.pending:
@@ -63,4 +63,5 @@ def replicate_over(model: nn.Module, dp_mesh: DeviceMesh, *, parameters=None, br
     for param in params:
         if param.requires_grad:
             param.register_post_accumulate_grad_hook(averager)
+            param._dtp_dp_averaged = True  # for dtp.comms.predict
     return model

@@ -13,6 +13,7 @@ from .functional import axis_of, wrap_output
 from .mesh import tp_submesh
 from .params import shard_parameter
 from .regions import gather_from, reduce_from, sequence_scatter
+from .views import to_local
 
 __all__ = ["vocab_parallel_embedding", "column_embedding", "VocabParallelEmbedding", "check_ids"]
 
@@ -49,7 +50,7 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
     vocab, dim = weight.shape
     check_ids(ids, vocab, "vocab_parallel_embedding")
     start, rows = chunk_offset(vocab, axis.size, axis.rank), chunk_sizes(vocab, axis.size)[axis.rank]
-    w = weight.to_local()
+    w = to_local(weight)
     local_ids = ids - start
     outside = (local_ids < 0) | (local_ids >= rows)
     if rows == 0:  # an empty shard: contributes zeros, keeps a (0, dim) gradient
@@ -78,7 +79,7 @@ def column_embedding(ids, weight: DTensor, *, padding_idx: int | None = None, ga
     check_ids(ids, weight.shape[0], "column_embedding")
     mesh = weight.device_mesh
     axis = axis_of(mesh)
-    y = F.embedding(ids, weight.to_local(), padding_idx=padding_idx)
+    y = F.embedding(ids, to_local(weight), padding_idx=padding_idx)
     dim = weight.shape[1]
     if gather_output:
         y = gather_from(y, -1, chunk_sizes(dim, axis.size), axis)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from .functional import column_linear, row_linear
+from .prepared import ColumnForward, RowForward
 from .mesh import tp_submesh
 from .params import local_slice, shard_parameter
 
@@ -130,10 +130,11 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, **kwargs)
         self.gather_output = gather_output
         self.input_layout = input_layout or Replicate()
+        self._forward = ColumnForward(self.device_mesh, out_features, gather_output=gather_output,
+                                      input_layout=self.input_layout, use_local_output=self.use_local_output)
 
     def forward(self, x):
-        return column_linear(x, self.weight, self.bias, gather_output=self.gather_output,
-                             input_layout=self.input_layout, use_local_output=self.use_local_output)
+        return self._forward(x, self.weight, self.bias)
 
     def _layout_repr(self) -> str:
         return f"input_layout={self.input_layout}, gather_output={self.gather_output}"
@@ -154,10 +155,11 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, **kwargs)
         self.input_is_parallel = input_is_parallel
         self.output_layout = output_layout or Replicate()
+        self._forward = RowForward(self.device_mesh, in_features, input_is_parallel=input_is_parallel,
+                                   output_layout=self.output_layout, use_local_output=self.use_local_output)
 
     def forward(self, x):
-        return row_linear(x, self.weight, self.bias, input_is_parallel=self.input_is_parallel,
-                          output_layout=self.output_layout, use_local_output=self.use_local_output)
+        return self._forward(x, self.weight, self.bias)
 
     def _layout_repr(self) -> str:
         return f"input_is_parallel={self.input_is_parallel}, output_layout={self.output_layout}"

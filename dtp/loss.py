@@ -22,14 +22,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = z.shape[-1]
         start = chunk_offset(vocab, axis.size, axis.rank)
         local_max = z.max(-1).values if rows else z.new_full(z.shape[:-1], float("-inf"))
-        z = z - all_reduce(local_max, axis, "max").wait().unsqueeze(-1)  # stable: shift by the global max
+        z = z - all_reduce(local_max, axis, "max", inplace=True).wait().unsqueeze(-1)  # stable: shift by the global max
         e = z.exp()
         valid = target != ignore_index
         t_local = target - start
         mine = valid & (t_local >= 0) & (t_local < rows)
         z_target = (z.gather(-1, t_local.clamp(0, max(rows - 1, 0)).unsqueeze(-1)).squeeze(-1) * mine
                     if rows else z.new_zeros(z.shape[:-1]))
-        sums = all_reduce(torch.stack([e.sum(-1), z_target, z.sum(-1)]), axis).wait()
+        sums = all_reduce(torch.stack([e.sum(-1), z_target, z.sum(-1)]), axis, inplace=True).wait()
         lse = sums[0].log()
         nll = lse - sums[1]
         loss = (1 - smoothing) * nll + smoothing * (lse - sums[2] / vocab) if smoothing else nll

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, Placement, Shard
 
+from .functional import axis_of
+from .views import from_local, to_local
+
 __all__ = ["prepare_inputs", "prepare_outputs"]
 
 
@@ -24,12 +27,15 @@ def _prepare(value, mesh, declared: Placement | None, desired: Placement | None,
                              f"{list(map(repr, value.placements))} (global shape {tuple(value.shape)})")
         dt = value
     elif isinstance(value, torch.Tensor):
-        dt = DTensor.from_local(value, mesh, [declared], run_check=False)
+        shape = list(value.shape)
+        if isinstance(declared, Shard):  # a plain local shard is taken as an even one, as torch does
+            shape[declared.dim % value.dim()] *= mesh.size()
+        dt = from_local(value, mesh, declared, shape, axis_of(mesh))
     else:
         raise TypeError(f"{where}: a layout {declared} is declared for an input that is a {type(value).__name__}")
     if desired is not None and not _same(desired, declared, dt.dim()):
         dt = dt.redistribute(mesh, [desired])
-    return dt.to_local() if use_local else dt
+    return to_local(dt) if use_local else dt
 
 
 def prepare_inputs(module, args, kwargs):

@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
 from .params import shard_parameter
+from .views import to_local
 
 __all__ = ["replicate_parameters_", "local_parameters", "replicate_remaining_"]
 
@@ -56,7 +57,7 @@ def replicated_forward(self, *args, **kwargs):
     """The module's own forward; on plain inputs its replicated parameters read as local tensors (no collective)."""
     if _has_dtensor(args) or _has_dtensor(kwargs.values()):
         return type(self).forward(self, *args, **kwargs)  # DTensor inputs: DTensor semantics
-    with local_parameters(self, DTensor.to_local, recurse=False):
+    with local_parameters(self, to_local, recurse=False):
         return type(self).forward(self, *args, **kwargs)
 
 

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .collectives import AxisGroup
 from .functional import axis_of, wrap_output
 from .replicate import local_parameters
+from .views import to_local
 from .regions import replicated_local
 
 __all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forward"]
@@ -30,7 +31,7 @@ def sequence_shard_of(x, mesh: DeviceMesh, seq_dim: int, what: str):
                              f"got a DTensor sharded as {placement!r}; shape {tuple(x.shape)}")
         if placement != Shard(seq):
             x = x.redistribute(mesh, [Shard(seq)])  # Replicate: keep our slice; Partial: reduce-scatter
-        return x.to_local(), tuple(x.shape)
+        return to_local(x), tuple(x.shape)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: input must be a tensor, got {type(x).__name__}")
     shape = list(x.shape)

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate, Shard
 
 from .embedding import column_embedding, vocab_parallel_embedding
-from .functional import column_linear, row_linear
+from .prepared import ColumnForward, RowForward
 from .params import shard_parameter
 from .prepare import prepare_inputs, prepare_outputs
 from .replicate import replicate_parameters_
@@ -100,7 +100,10 @@ class ColwiseParallel(ParallelStyle):
         module.weight = shard_parameter(module.weight, mesh, Shard(0))
         if module.bias is not None:
             module.bias = shard_parameter(module.bias, mesh, Shard(0))
-        module.forward = MethodType(_colwise_linear_forward, module)
+        module._dtp_forward = ColumnForward(mesh, module.out_features,
+                                            gather_output=isinstance(self.output_layouts, Replicate),
+                                            input_layout=self.input_layouts, use_local_output=self.use_local_output)
+        module.forward = MethodType(_linear_forward, module)
 
 
 class RowwiseParallel(ParallelStyle):
@@ -134,7 +137,9 @@ class RowwiseParallel(ParallelStyle):
         module.weight = shard_parameter(module.weight, mesh, Shard(1))
         if module.bias is not None:
             module.bias = shard_parameter(module.bias, mesh, Replicate())
-        module.forward = MethodType(_rowwise_linear_forward, module)
+        module._dtp_forward = RowForward(mesh, module.in_features, input_is_parallel=_is_last(self._input(module)),
+                                         output_layout=self.output_layouts, use_local_output=self.use_local_output)
+        module.forward = MethodType(_linear_forward, module)
 
 
 class VocabParallel(RowwiseParallel):
@@ -200,16 +205,8 @@ class PrepareModuleOutput(ParallelStyle):
 
 # -- the forwards the styles install (bound to the module; read its style for the layout) ------
 
-def _colwise_linear_forward(self, x):
-    style = self._dtp_style
-    return column_linear(x, self.weight, self.bias, gather_output=isinstance(style.output_layouts, Replicate),
-                         input_layout=style.input_layouts, use_local_output=style.use_local_output)
-
-
-def _rowwise_linear_forward(self, x):
-    style = self._dtp_style
-    return row_linear(x, self.weight, self.bias, input_is_parallel=_is_last(style._input(self)),
-                      output_layout=style.output_layouts, use_local_output=style.use_local_output)
+def _linear_forward(self, x):
+    return self._dtp_forward(x, self.weight, self.bias)
 
 
 def _colwise_embedding_forward(self, ids):

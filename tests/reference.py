@@ -36,21 +36,22 @@ def assert_shard_close(param_or_grad, full_expected, placement, what, dtype=torc
     assert_close(param_or_grad.to_local(), local_slice(full_expected, placement, world, rank), what, dtype, scale)
 
 
+def _kind(op_name: str) -> str:
+    """all_reduce / all_gather / reduce_scatter / ... for a c10d or functional-collective op name."""
+    name = op_name.replace("allreduce", "all_reduce").replace("allgather", "all_gather")
+    for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "alltoall", "broadcast", "barrier"):
+        if kind in name:
+            return kind
+    return op_name
+
+
 def count_collectives(fn):
     """Run fn under CommDebugMode; return (fn's result, Counter of collective kinds)."""
     with CommDebugMode() as mode:
         out = fn()
     counts = Counter()
     for op, n in mode.get_comm_counts().items():
-        name = str(op)
-        for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "allreduce",
-                     "allgather", "reduce_scatter_tensor"):
-            if kind in name:
-                counts[kind.replace("allreduce", "all_reduce").replace("allgather", "all_gather")
-                       .replace("reduce_scatter_tensor", "reduce_scatter")] += n
-                break
-        else:
-            counts[name] += n
+        counts[_kind(str(op))] += n
     return out, counts
 
 
@@ -61,8 +62,11 @@ class _RecordCollectives(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if "_c10d_functional." in name and "wait_tensor" not in name:
-            self.calls.append((name.split(".")[1], args[0].numel() if isinstance(args[0], torch.Tensor) else None))
+        if name.startswith(("c10d.", "_c10d_functional.")) and "wait" not in name:
+            kind = _kind(name)
+            tensors = [a for a in args if isinstance(a, torch.Tensor)] or [t for a in args if isinstance(a, list)
+                                                                           for t in a if isinstance(t, torch.Tensor)]
+            self.calls.append((kind, tensors[-1].numel() if tensors else None))
         return func(*args, **(kwargs or {}))
 
 

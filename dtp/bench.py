@@ -1,0 +1,185 @@
+"""`python -m dtp.bench`: same-run step times of dtp, torch's parallelize_module, hand-written Megatron and one process.
+
+Variants are interleaved (A B C D A B C D ...) so machine noise hits them alike; each timing is
+the median over rounds of the mean step time (forward + backward, optionally optimizer step) of a
+block of steps, with its spread (min-max over rounds).  Ratios are of medians of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.tensor.parallel as torch_tp
+from torch import nn
+from torch.distributed.tensor import Replicate
+
+from .bench_reference import HandBlock, HandMLP
+from .mesh import default_mesh
+from .parallelize import parallelize_module
+from .testing import run_on_ranks
+
+__all__ = ["SHAPES", "bench_rank", "main"]
+
+SHAPES = {
+    "small": dict(kind="mlp", dim=64, hidden=256, batch=8),
+    "medium": dict(kind="mlp", dim=1024, hidden=4096, batch=32),
+    "block": dict(kind="block", dim=256, hidden=1024, heads=8, batch=4, seq=64),
+}
+VARIANTS = ("dtp", "torch", "hand", "single")
+
+
+def _mlp_plan(styles):
+    return {"0": styles.ColwiseParallel(), "2": styles.RowwiseParallel()}
+
+
+def _block_plan(styles):
+    replicated = styles.PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
+    return {"attention": replicated, "attention.w[qkv]": styles.ColwiseParallel(),
+            "attention.wo": styles.RowwiseParallel(), "mlp": copy.deepcopy(replicated),
+            "mlp.up": styles.ColwiseParallel(), "mlp.down": styles.RowwiseParallel()}
+
+
+def _models(shape: dict, device: torch.device):
+    """(single-process model, input batch, {variant: model}) for one shape, all from one seed."""
+    import dtp
+
+    torch.manual_seed(0)
+    if shape["kind"] == "mlp":
+        single = nn.Sequential(nn.Linear(shape["dim"], shape["hidden"]), nn.GELU(),
+                               nn.Linear(shape["hidden"], shape["dim"])).to(device)
+        x = torch.randn(shape["batch"], shape["dim"], device=device)
+        plan, hand = _mlp_plan, HandMLP
+    else:
+        sys.path.insert(0, __file__.rsplit("/dtp/", 1)[0])
+        from examples.gpt import Block, GPTConfig
+
+        cfg = GPTConfig(dim=shape["dim"], n_heads=shape["heads"], hidden=shape["hidden"])
+        single = Block(cfg).to(device)
+        x = torch.randn(shape["batch"], shape["seq"], shape["dim"], device=device)
+        plan, hand = _block_plan, HandBlock
+    mesh = default_mesh()
+    variants = {
+        "dtp": parallelize_module(copy.deepcopy(single), mesh, plan(dtp)),
+        "torch": torch_tp.parallelize_module(copy.deepcopy(single), mesh, plan(torch_tp)),
+        "hand": hand(copy.deepcopy(single)),
+        "single": single,
+    }
+    return x, variants
+
+
+def _step(model, x, opt):
+    out = model(x)
+    out = out.full_tensor() if hasattr(out, "full_tensor") else out
+    out.float().pow(2).mean().backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    else:
+        for p in model.parameters():
+            p.grad = None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def bench_rank(shape_name: str, rounds: int = 15, steps: int = 10, optimizer: bool = False) -> dict:
+    """Run on every rank: interleaved timing of the variants; returns rank 0's medians and spreads (ms/step)."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    shape = SHAPES[shape_name]
+    x, variants = _models(shape, device)
+    opts = {name: (torch.optim.AdamW(m.parameters(), lr=1e-4) if optimizer else None) for name, m in variants.items()}
+    times = {name: [] for name in variants}
+    rank0 = dist.get_rank() == 0
+    for name, model in variants.items():  # warm-up, in the same order
+        if name != "single" or rank0:
+            for _ in range(3):
+                _step(model, x, opts[name])
+        _sync(device)
+    for _ in range(rounds):
+        for name, model in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            if name != "single" or rank0:  # the single process runs alone; the other ranks wait
+                for _ in range(steps):
+                    _step(model, x, opts[name])
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / steps * 1e3)
+    params = {name: sum(_local_bytes(p) for p in m.parameters()) for name, m in variants.items()}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, CPU
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {"median": {n: statistics.median(t) for n, t in times.items()},
+            "spread": {n: (min(t), max(t)) for n, t in times.items()},
+            "param_mib": {n: b / 2**20 for n, b in params.items()}, "peak_mib": peak}
+
+
+def _local_bytes(p) -> int:
+    local = p.to_local() if hasattr(p, "to_local") else p
+    return local.numel() * local.element_size()
+
+
+def _row(shape: str, world: int, backend: str, r: dict) -> dict:
+    med = r["median"]
+    return {"shape": shape, "world_size": world, "backend": backend, **{f"{k}_ms": round(v, 3) for k, v in med.items()},
+            **{f"{k}_spread_ms": [round(a, 3), round(b, 3)] for k, (a, b) in r["spread"].items()},
+            "dtp_over_torch": round(med["dtp"] / med["torch"], 3), "dtp_over_hand": round(med["dtp"] / med["hand"], 3),
+            "speedup_vs_single": round(med["single"] / med["dtp"], 3),
+            "dtp_param_mib_per_rank": round(r["param_mib"]["dtp"], 3),
+            "single_param_mib": round(r["param_mib"]["single"], 3), "peak_mib_per_rank": round(r["peak_mib"], 1)}
+
+
+def _table(rows) -> str:
+    head = ("| shape | ws | dtp ms | torch ms | hand ms | single ms | dtp/torch | dtp/hand | speed-up vs 1 | "
+            "params MiB/rank (1 proc) | peak MiB/rank |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['world_size']} | {r['dtp_ms']:.3f} | {r['torch_ms']:.3f} | "
+                     f"{r['hand_ms']:.3f} | {r['single_ms']:.3f} | {r['dtp_over_torch']:.2f} | {r['dtp_over_hand']:.2f} | "
+                     f"{r['speedup_vs_single']:.2f}x | {r['dtp_param_mib_per_rank']:.2f} ({r['single_param_mib']:.2f}) | "
+                     f"{r['peak_mib_per_rank']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(prog="python -m dtp.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--world-sizes", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--optimizer", action="store_true", help="include an AdamW step in each timed step")
+    parser.add_argument("--json", help="also write the rows as JSON to this file ('-' for stdout)")
+    args = parser.parse_args(argv)
+    rows = []
+    for world in args.world_sizes:
+        for shape in args.shapes:
+            result = run_on_ranks(bench_rank, world, shape, args.rounds, args.steps, args.optimizer, timeout=1800)[0]
+            from .testing import pick_backend
+            rows.append(_row(shape, world, pick_backend(world), result))
+            print(_table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else _table(rows), flush=True)
+    print("\nmedian ms per step (forward + backward%s), %d rounds x %d steps, variants interleaved\n"
+          % (" + AdamW" if args.optimizer else "", args.rounds, args.steps))
+    print(_table(rows))
+    if args.json:
+        text = json.dumps(rows, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
