@@ -41,7 +41,7 @@ class _FromLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, spec, axis):
         ctx.spec, ctx.axis = spec, axis
-        return DTensor.__new__(DTensor, local.view_as(local), spec, requires_grad=False)
+        return DTensor.__new__(DTensor, local.detach(), spec, requires_grad=False)
 
     @staticmethod
     def backward(ctx, g):

@@ -62,3 +62,17 @@ def test_predicted_collectives_equal_measured(pools, world, case):
         assert counts == Counter({("forward", "all_reduce"): 7, ("backward", "all_reduce"): 5})
     if case == "gpt_sp":
         assert ("forward", "all_reduce") in counts and counts[("forward", "all_reduce")] == 2  # the loss's only
+
+
+def test_benchmark_runs_and_reports(pools):
+    """A smoke run of every benchmark shape (timings are not asserted: they live in the README, measured)."""
+    from dtp.bench import _row, _table, bench_rank
+
+    rows = []
+    for shape in ("small", "block"):
+        result = pools.run(2, bench_rank, shape, 2, 1)[0]
+        assert set(result["median"]) == {"dtp", "torch", "hand", "single"}
+        assert result["param_mib"]["dtp"] < result["param_mib"]["single"]
+        rows.append(_row(shape, 2, "gloo", result))
+    table = _table(rows)
+    assert "dtp/torch" in table and "| small | 2 |" in table and "| block | 2 |" in table

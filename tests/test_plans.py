@@ -109,15 +109,29 @@ def case_meta_device_model(sp):
     dtp.load_full_state_dict(model, reference.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     assert_close(full(model(ids)), reference(ids), "meta-built model after loading")
-    local = sum(p.to_local().numel() for p in model.parameters())
-    total = sum(p.numel() for p in reference.parameters())
-    return local, total
+    # memory: the bytes the parameters' storages really hold on this rank (a view into a full tensor would show)
+    held = sum({p.to_local().untyped_storage().data_ptr(): p.to_local().untyped_storage().nbytes()
+                for p in model.parameters()}.values())
+    expected = 0
+    tp = dtp.default_mesh().size()
+    for p in model.parameters():
+        shape = list(p.shape)
+        for placement in p.placements:
+            if isinstance(placement, Shard):
+                shape[placement.dim] = -(-shape[placement.dim] // tp)  # rank 0 holds the largest chunk
+        expected += torch.Size(shape).numel() * p.element_size()
+    total = sum(p.numel() * p.element_size() for p in reference.parameters())
+    replicated = sum(p.numel() * p.element_size() for p in model.parameters() if p.placements == (Replicate(),))
+    return held, expected, total, replicated
 
 
-def test_meta_device_then_load(pools):
-    (local, total), *_ = pools.run(4, case_meta_device_model, False)
-    assert local < 0.35 * total  # ~1/4 of the matrices plus replicated norms and biases
-    pools.run(2, case_meta_device_model, True)
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_meta_device_then_load_memory_is_full_over_tp(pools, world, sp):
+    held, expected, total, replicated = pools.run(world, case_meta_device_model, sp)[0]  # rank 0: the largest chunks
+    assert held == expected, (held, expected)
+    assert held <= (total - replicated) / world + replicated, (held, total, replicated)
+    assert held < 0.7 * total
 
 
 def case_torch_plan_unchanged(sp):
