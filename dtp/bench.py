@@ -1,6 +1,6 @@
 """`python -m dtp.bench`: same-run step times of dtp, torch's parallelize_module, hand-written Megatron and one process.
 
-Variants are interleaved (A B C D A B C D ...) so machine noise hits them alike; each timing is
+Variants are interleaved (A B C D, B C D A, ...) so machine noise hits them alike; each timing is
 the median over rounds of the mean step time (forward + backward, optionally optimizer step) of a
 block of steps, with its spread (min-max over rounds).  Ratios are of medians of the same run.
 """
@@ -28,10 +28,10 @@ from .testing import run_on_ranks
 
 __all__ = ["SHAPES", "bench_rank", "main"]
 
-SHAPES = {
-    "small": dict(kind="mlp", dim=64, hidden=256, batch=8),
-    "medium": dict(kind="mlp", dim=1024, hidden=4096, batch=32),
-    "block": dict(kind="block", dim=256, hidden=1024, heads=8, batch=4, seq=64),
+SHAPES = {  # rounds: enough that a milliseconds-long step still gets hundreds of samples per variant
+    "small": dict(kind="mlp", dim=64, hidden=256, batch=8, rounds=150),
+    "medium": dict(kind="mlp", dim=1024, hidden=4096, batch=32, rounds=25),
+    "block": dict(kind="block", dim=256, hidden=1024, heads=8, batch=4, seq=64, rounds=25),
 }
 VARIANTS = ("dtp", "torch", "hand", "single")
 
@@ -93,11 +93,12 @@ def _sync(device):
     dist.barrier()
 
 
-def bench_rank(shape_name: str, rounds: int = 15, steps: int = 10, optimizer: bool = False) -> dict:
+def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optimizer: bool = False) -> dict:
     """Run on every rank: interleaved timing of the variants; returns rank 0's medians and spreads (ms/step)."""
     torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     shape = SHAPES[shape_name]
+    rounds = rounds or shape["rounds"]
     x, variants = _models(shape, device)
     opts = {name: (torch.optim.AdamW(m.parameters(), lr=1e-4) if optimizer else None) for name, m in variants.items()}
     times = {name: [] for name in variants}
@@ -107,8 +108,11 @@ def bench_rank(shape_name: str, rounds: int = 15, steps: int = 10, optimizer: bo
             for _ in range(3):
                 _step(model, x, opts[name])
         _sync(device)
-    for _ in range(rounds):
-        for name, model in variants.items():
+    order = list(variants)
+    for round_ in range(rounds):
+        # interleaved, and rotated each round so no variant always runs right after another
+        for name in order[round_ % len(order):] + order[:round_ % len(order)]:
+            model = variants[name]
             _sync(device)
             start = time.perf_counter()
             if name != "single" or rank0:  # the single process runs alone; the other ranks wait
@@ -156,7 +160,7 @@ def main(argv=None) -> list:
     parser = argparse.ArgumentParser(prog="python -m dtp.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--world-sizes", nargs="+", type=int, default=[2, 4])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=None, help="default: per shape (150 small, 25 others)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step in each timed step")
     parser.add_argument("--json", help="also write the rows as JSON to this file ('-' for stdout)")
@@ -168,8 +172,8 @@ def main(argv=None) -> list:
             from .testing import pick_backend
             rows.append(_row(shape, world, pick_backend(world), result))
             print(_table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else _table(rows), flush=True)
-    print("\nmedian ms per step (forward + backward%s), %d rounds x %d steps, variants interleaved\n"
-          % (" + AdamW" if args.optimizer else "", args.rounds, args.steps))
+    print("\nmedian ms per step (forward + backward%s), rounds x %d steps, variants interleaved\n"
+          % (" + AdamW" if args.optimizer else "", args.steps))
     print(_table(rows))
     if args.json:
         text = json.dumps(rows, indent=1)

@@ -1,10 +1,8 @@
 """Differentiable collectives on local tensors (Megatron's "mappings"), each naming its forward and backward.
+(The linear layers fuse theirs into one autograd function each, in dtp.functional.)
 
-    reduce_from       fwd all-reduce        bwd identity         (after a row-split matmul)
-    copy_to           fwd identity          bwd all-reduce       (before a column-split matmul)
+    reduce_from       fwd all-reduce        bwd identity         (after a row-split computation)
     gather_from       fwd all-gather        bwd keep own slice   (replicate a sharded output)
-    split_to          fwd keep own slice    bwd all-gather       (shard a replicated input)
-    sequence_gather   fwd all-gather        bwd reduce-scatter   (sequence parallel: shards -> whole)
     sequence_scatter  fwd reduce-scatter    bwd all-gather       (sequence parallel: partial -> shards)
     replicated_local  a replicated DTensor parameter's local tensor; its gradient is all-reduced,
                       for parameters used on sequence shards (norm weights)
@@ -17,8 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from .collectives import AxisGroup, all_gather, all_reduce, reduce_scatter
 
-__all__ = ["reduce_from", "copy_to", "gather_from", "split_to", "sequence_gather", "sequence_scatter",
-           "replicated_local"]
+__all__ = ["reduce_from", "gather_from", "sequence_scatter", "replicated_local"]
 
 
 class _ReduceFrom(torch.autograd.Function):
@@ -31,17 +28,6 @@ class _ReduceFrom(torch.autograd.Function):
         return g, None
 
 
-class _CopyTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, axis):
-        ctx.axis = axis
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_reduce(g, ctx.axis).wait(), None
-
-
 class _GatherFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, axis):
@@ -52,30 +38,6 @@ class _GatherFrom(torch.autograd.Function):
     def backward(ctx, g):
         dim, sizes, axis = ctx.layout
         return g.narrow(dim, sum(sizes[: axis.rank]), sizes[axis.rank]), None, None, None
-
-
-class _SplitTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, axis):
-        ctx.layout = (dim % x.dim(), sizes, axis)
-        return x.narrow(dim, sum(sizes[: axis.rank]), sizes[axis.rank])
-
-    @staticmethod
-    def backward(ctx, g):
-        dim, sizes, axis = ctx.layout
-        return all_gather(g, dim, sizes, axis).wait(), None, None, None
-
-
-class _SequenceGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, axis):
-        ctx.layout = (dim, sizes, axis)
-        return all_gather(x, dim, sizes, axis).wait()
-
-    @staticmethod
-    def backward(ctx, g):
-        dim, sizes, axis = ctx.layout
-        return reduce_scatter(g, dim, sizes, axis).wait(), None, None, None
 
 
 class _SequenceScatter(torch.autograd.Function):
@@ -108,24 +70,9 @@ def reduce_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
     return _ReduceFrom.apply(x, axis)
 
 
-def copy_to(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
-    """Y = X; forward identity, backward all-reduce of dY (the ranks' partial input gradients)."""
-    return _CopyTo.apply(x, axis)
-
-
 def gather_from(x: torch.Tensor, dim: int, sizes, axis: AxisGroup) -> torch.Tensor:
     """Y = concat_ranks(X) along dim; forward all-gather, backward keeps this rank's slice (no collective)."""
     return _GatherFrom.apply(x, dim, tuple(sizes), axis)
-
-
-def split_to(x: torch.Tensor, dim: int, sizes, axis: AxisGroup) -> torch.Tensor:
-    """Y = this rank's slice of X along dim; forward none, backward all-gather."""
-    return _SplitTo.apply(x, dim, tuple(sizes), axis)
-
-
-def sequence_gather(x: torch.Tensor, dim: int, sizes, axis: AxisGroup) -> torch.Tensor:
-    """Y = concat_ranks(X) along dim; forward all-gather, backward reduce-scatter."""
-    return _SequenceGather.apply(x, dim % x.dim(), tuple(sizes), axis)
 
 
 def sequence_scatter(x: torch.Tensor, dim: int, sizes, axis: AxisGroup) -> torch.Tensor:

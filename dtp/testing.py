@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankPool", "RankError", "run_on_ranks", "pick_backend", "rank_device"]
+__all__ = ["RankPool", "RankError", "run_on_ranks", "pick_backend"]
 
 
 class RankError(RuntimeError):
@@ -34,13 +34,6 @@ def pick_backend(world_size: int) -> str:
     if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
         return "nccl"
     return "gloo"
-
-
-def rank_device() -> torch.device:
-    """This rank's device under the default process group: cuda:<local rank> for NCCL, else cpu."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results):
