@@ -109,7 +109,7 @@ class RowLinearFn(torch.autograd.Function):
             out_sizes = chunk_sizes(partial.shape[out_dim], axis.size)
             y = reduce_scatter(partial, out_dim, out_sizes, axis).wait()
         if bias is not None:
-            y = y + bias._local_tensor  # once, after the reduction
+            y.add_(bias._local_tensor)  # once, after the reduction (y is the collective's own fresh output)
         ctx.save_for_backward(x, w)
         ctx.params = (weight, bias)
         ctx.layout = (axis, in_sizes, split_input, out_dim, out_sizes)

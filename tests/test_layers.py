@@ -220,3 +220,29 @@ def case_sequence_parallel_pair(seq):
 @pytest.mark.parametrize("world,seq", [(2, 6), (3, 7), (4, 5)])
 def test_sequence_sharded_input_and_output(pools, world, seq):
     pools.run(world, case_sequence_parallel_pair, seq)
+
+
+def case_sequence_parallel_dropout():
+    """SequenceParallel dropout: each rank drops on its own sequence shard, scales the rest, and the gradient follows."""
+    rank, world = rank_world()
+    torch.manual_seed(10 + rank)  # ranks draw their own masks
+    drop = nn.Sequential(nn.Dropout(0.5))
+    dtp.parallelize_module(drop, None, {"0": dtp.SequenceParallel()})
+    x_full = torch.rand(2, 7, 64) + 1.0  # no zeros of its own
+    local = local_slice(x_full, Shard(1), world, rank).clone().requires_grad_()
+    x = DTensor.from_local(local, dtp.default_mesh(), [Shard(1)], run_check=False, shape=x_full.shape,
+                           stride=x_full.stride())
+    y = drop(x)
+    assert isinstance(y, DTensor) and y.placements == (Shard(1),) and tuple(y.shape) == (2, 7, 64)
+    out = y.to_local()
+    kept = out != 0
+    assert 0.3 < kept.float().mean().item() < 0.7
+    assert_close(out[kept], local.detach()[kept] * 2.0, "kept values scaled by 1/(1-p)")
+    out.sum().backward()
+    assert_close(local.grad, kept.float() * 2.0, "gradient follows the mask")
+    drop.eval()
+    assert_close(drop(x).to_local(), local.detach(), "eval mode is the identity")
+
+
+def test_sequence_parallel_dropout(pools):
+    pools.run(2, case_sequence_parallel_dropout)
