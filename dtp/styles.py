@@ -69,6 +69,14 @@ class ParallelStyle:
         return type(self) is type(other) and vars(self) == vars(other)
 
 
+def _split(module, mesh, weight_placement, bias_placement, forward) -> None:
+    """module.weight (and bias) become DTensor parameters holding this rank's slice; forward becomes dtp's."""
+    module.weight = shard_parameter(module.weight, mesh, weight_placement)
+    if getattr(module, "bias", None) is not None:
+        module.bias = shard_parameter(module.bias, mesh, bias_placement)
+    module.forward = MethodType(forward, module)
+
+
 def _bad(where, what, value, allowed):
     return ValueError(f"{where}: {what}={value!r} is not supported here; allowed: {allowed}")
 
@@ -94,16 +102,12 @@ class ColwiseParallel(ParallelStyle):
 
     def _apply(self, module, mesh) -> None:
         if isinstance(module, nn.Embedding):
-            module.weight = shard_parameter(module.weight, mesh, Shard(1))
-            module.forward = MethodType(_colwise_embedding_forward, module)
+            _split(module, mesh, Shard(1), None, _colwise_embedding_forward)
             return
-        module.weight = shard_parameter(module.weight, mesh, Shard(0))
-        if module.bias is not None:
-            module.bias = shard_parameter(module.bias, mesh, Shard(0))
+        _split(module, mesh, Shard(0), Shard(0), _linear_forward)
         module._dtp_forward = ColumnForward(mesh, module.out_features,
                                             gather_output=isinstance(self.output_layouts, Replicate),
                                             input_layout=self.input_layouts, use_local_output=self.use_local_output)
-        module.forward = MethodType(_linear_forward, module)
 
 
 class RowwiseParallel(ParallelStyle):
@@ -131,15 +135,11 @@ class RowwiseParallel(ParallelStyle):
 
     def _apply(self, module, mesh) -> None:
         if isinstance(module, nn.Embedding):
-            module.weight = shard_parameter(module.weight, mesh, Shard(0))
-            module.forward = MethodType(_vocab_embedding_forward, module)
+            _split(module, mesh, Shard(0), None, _vocab_embedding_forward)
             return
-        module.weight = shard_parameter(module.weight, mesh, Shard(1))
-        if module.bias is not None:
-            module.bias = shard_parameter(module.bias, mesh, Replicate())
+        _split(module, mesh, Shard(1), Replicate(), _linear_forward)
         module._dtp_forward = RowForward(mesh, module.in_features, input_is_parallel=_is_last(self._input(module)),
                                          output_layout=self.output_layouts, use_local_output=self.use_local_output)
-        module.forward = MethodType(_linear_forward, module)
 
 
 class VocabParallel(RowwiseParallel):

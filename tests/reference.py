@@ -75,3 +75,16 @@ def record_collectives(fn):
     with _RecordCollectives() as mode:
         out = fn()
     return out, mode.calls
+
+
+def expect_errors(cases):
+    """For each (exception type(s), call, needles): call() raises it with every needle in the message; returns the messages."""
+    import pytest
+
+    messages = []
+    for exc, call, needles in cases:
+        with pytest.raises(exc) as info:
+            call()
+        assert all(n in str(info.value) for n in needles), (needles, str(info.value))
+        messages.append(str(info.value))
+    return messages
