@@ -27,7 +27,7 @@ if __package__ in (None, "") and os.path.dirname(os.path.abspath(__file__)) not 
 from dtp.functional import column_linear, row_linear  # noqa: E402
 from dtp.layers import _check_features, _check_master_weight, linear_init_  # noqa: E402
 from dtp.mesh import check_divisible, default_mesh  # noqa: E402
-from dtp.params import dtensor_from_local  # noqa: E402
+from dtp.views import from_local  # noqa: E402
 from torch.distributed.tensor import Replicate, Shard  # noqa: E402
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
@@ -70,10 +70,10 @@ class _ContractLinear(nn.Module):
     def _as_dtensors(self):
         """This rank's plain parameters as DTensors of the full layer (differentiable, no communication)."""
         full_w = (self.out_features, self.in_features)
-        weight = dtensor_from_local(self.weight, self._mesh, Shard(self.split_dim), full_w)
+        weight = from_local(self.weight, self._mesh, Shard(self.split_dim), full_w)
         bias = None
         if self.bias is not None:
-            bias = dtensor_from_local(self.bias, self._mesh, Shard(0) if self.split_dim == 0 else Replicate(),
+            bias = from_local(self.bias, self._mesh, Shard(0) if self.split_dim == 0 else Replicate(),
                                       (self.out_features,))
         return weight, bias
 

@@ -8,6 +8,7 @@ returns a `Pending` handle: start the collective, do other work, then `.wait()`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
-__all__ = ["AxisGroup", "chunk_sizes", "chunk_offset", "Pending",
+__all__ = ["AxisGroup", "axis_of", "chunk_sizes", "chunk_offset", "Pending",
            "all_reduce", "all_gather", "reduce_scatter"]
 
 
@@ -47,6 +48,12 @@ class AxisGroup:
     def of(cls, mesh: DeviceMesh) -> "AxisGroup":
         """The (only) axis of a 1-D mesh."""
         return cls(mesh, mesh.get_group(), mesh.size(), mesh.get_local_rank())
+
+
+@functools.lru_cache(maxsize=None)
+def axis_of(mesh: DeviceMesh) -> AxisGroup:
+    """The collective group of a 1-D tensor-parallel mesh (cached per mesh)."""
+    return AxisGroup.of(mesh)
 
 
 class Pending:

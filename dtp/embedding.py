@@ -8,8 +8,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from .collectives import chunk_offset, chunk_sizes
-from .functional import axis_of, wrap_output
+from .collectives import axis_of, chunk_offset, chunk_sizes
+from .functional import wrap_output
 from .mesh import tp_submesh
 from .params import shard_parameter
 from .regions import gather_from, reduce_from, sequence_scatter

@@ -8,7 +8,6 @@ backward returns DTensor gradients with the parameters' own placements.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -17,17 +16,10 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from .collectives import AxisGroup, all_gather, all_reduce, chunk_sizes, reduce_scatter
-from .params import dtensor_from_local
-from .views import to_local
+from .collectives import all_gather, all_reduce, axis_of, chunk_sizes, reduce_scatter
+from .views import from_local, to_local
 
-__all__ = ["column_linear", "row_linear", "axis_of", "as_local", "wrap_output"]
-
-
-@functools.lru_cache(maxsize=None)
-def axis_of(mesh: DeviceMesh) -> AxisGroup:
-    """The collective group of a 1-D tensor-parallel mesh (cached per mesh)."""
-    return AxisGroup.of(mesh)
+__all__ = ["column_linear", "row_linear", "as_local", "wrap_output"]
 
 
 def _grad_dtensor(local: torch.Tensor | None, param: DTensor):
@@ -146,7 +138,7 @@ def as_local(x, what: str):
 
 def wrap_output(y: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape: Sequence[int]):
     """y as a DTensor with the given placement and global shape (no communication)."""
-    return dtensor_from_local(y, mesh, placement, global_shape)
+    return from_local(y, mesh, placement, global_shape)
 
 
 def _is_sequence_or_replicate(p: Placement, ndim: int) -> bool:

@@ -6,8 +6,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .collectives import all_reduce, chunk_offset, chunk_sizes
-from .functional import axis_of
+from .collectives import all_reduce, axis_of, chunk_offset, chunk_sizes
 from .mesh import tp_submesh
 
 __all__ = ["vocab_parallel_cross_entropy"]

@@ -10,7 +10,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .collectives import chunk_offset, chunk_sizes
 
-__all__ = ["contiguous_stride", "local_slice", "local_shape", "dtensor_from_local", "shard_parameter"]
+__all__ = ["contiguous_stride", "local_slice", "local_shape", "shard_parameter"]
 
 
 def contiguous_stride(shape) -> tuple[int, ...]:
@@ -37,13 +37,6 @@ def local_slice(full: torch.Tensor, placement: Placement, world: int, rank: int)
         size = full.shape[dim]
         return full.narrow(dim, chunk_offset(size, world, rank), chunk_sizes(size, world)[rank])
     return full
-
-
-def dtensor_from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
-    """A DTensor from this rank's shard with a known global shape (no communication, uneven shards allowed)."""
-    shape = torch.Size(global_shape)
-    return DTensor.from_local(local, mesh, [placement], run_check=False, shape=shape,
-                              stride=contiguous_stride(shape))
 
 
 def shard_parameter(full: torch.Tensor, mesh: DeviceMesh, placement: Placement, *,

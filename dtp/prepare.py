@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, Placement, Shard
 
-from .functional import axis_of
 from .views import from_local, to_local
 
 __all__ = ["prepare_inputs", "prepare_outputs"]
@@ -30,7 +29,7 @@ def _prepare(value, mesh, declared: Placement | None, desired: Placement | None,
         shape = list(value.shape)
         if isinstance(declared, Shard):  # a plain local shard is taken as an even one, as torch does
             shape[declared.dim % value.dim()] *= mesh.size()
-        dt = from_local(value, mesh, declared, shape, axis_of(mesh))
+        dt = from_local(value, mesh, declared, shape)
     else:
         raise TypeError(f"{where}: a layout {declared} is declared for an input that is a {type(value).__name__}")
     if desired is not None and not _same(desired, declared, dt.dim()):

@@ -12,8 +12,8 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate
 
-from .collectives import chunk_sizes
-from .functional import ColumnLinearFn, RowLinearFn, axis_of, column_linear, row_linear
+from .collectives import axis_of, chunk_sizes
+from .functional import ColumnLinearFn, RowLinearFn, column_linear, row_linear
 
 __all__ = ["ColumnForward", "RowForward"]
 

@@ -12,8 +12,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .collectives import AxisGroup
-from .functional import axis_of, wrap_output
+from .collectives import AxisGroup, axis_of
+from .functional import wrap_output
 from .replicate import local_parameters
 from .views import to_local
 from .regions import replicated_local

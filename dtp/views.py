@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
-from .collectives import AxisGroup, all_reduce
+from .collectives import all_reduce, axis_of
 from .params import contiguous_stride
 
 __all__ = ["to_local", "from_local"]
@@ -62,7 +62,7 @@ def to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tenso
     return _ToLocal.apply(x, spec)
 
 
-def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape, axis: AxisGroup) -> DTensor:
+def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
     """A DTensor over this rank's local tensor (no communication); backward returns the local gradient, reducing
     a Partial one to the Replicate placement declared here (one all-reduce)."""
-    return _FromLocal.apply(local, _spec(mesh, placement, global_shape, local.dtype), axis)
+    return _FromLocal.apply(local, _spec(mesh, placement, global_shape, local.dtype), axis_of(mesh))

@@ -7,7 +7,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import dtp
-from dtp.params import dtensor_from_local, local_slice
+from dtp.params import local_slice
+from dtp.views import from_local
 
 from .reference import assert_close, assert_shard_close, count_collectives, rank_world
 
@@ -101,7 +102,7 @@ def case_cross_entropy(vocab, shape, reduction, smoothing, ignore, dtensor, mesh
     (ref * g).sum().backward()
     local = local_slice(logits_full, Shard(-1), tp, tp_rank).clone().requires_grad_()
     if dtensor:
-        logits = dtensor_from_local(local, tp_mesh, Shard(len(shape)), logits_full.shape)
+        logits = from_local(local, tp_mesh, Shard(len(shape)), logits_full.shape)
         loss, counts = count_collectives(lambda: dtp.vocab_parallel_cross_entropy(
             logits, target, reduction=reduction, label_smoothing=smoothing))
     else:
