@@ -47,6 +47,15 @@ def linear_init_(weight: torch.Tensor, bias: torch.Tensor | None, generator=None
         nn.init.uniform_(bias, -bound, bound, generator=generator)
 
 
+def _draw_like_linear(out_features: int, in_features: int, bias: bool, device, dtype):
+    """Full weight and bias as nn.Linear(in_features, out_features) would draw them (uninitialised on meta)."""
+    full_w = torch.empty(out_features, in_features, device=device, dtype=dtype)
+    full_b = torch.empty(out_features, device=device, dtype=dtype) if bias else None
+    if full_w.device.type != "meta":
+        linear_init_(full_w, full_b)
+    return full_w, full_b
+
+
 class _ParallelLinear(nn.Module):
     """Shared construction: mesh, full-weight init (like nn.Linear), local slicing into DTensor params."""
 
@@ -67,15 +76,11 @@ class _ParallelLinear(nn.Module):
             device = device if device is not None else master_weight.device
             dtype = dtype if dtype is not None else master_weight.dtype
         device = torch.device(device) if device is not None else torch.device(self.device_mesh.device_type)
-        full_w = torch.empty(out_features, in_features, device=device, dtype=dtype)
-        full_b = torch.empty(out_features, device=device, dtype=dtype) if bias else None
-        if device.type != "meta":
-            if master_weight is None:
-                linear_init_(full_w, full_b)
-            else:
-                full_w.copy_(master_weight)
-                if full_b is not None:
-                    full_b.zero_()
+        if master_weight is not None:  # sliced directly: each rank copies only its part
+            full_w = master_weight.to(device=device, dtype=dtype)
+            full_b = torch.zeros(out_features, device=device, dtype=dtype) if bias else None
+        else:
+            full_w, full_b = _draw_like_linear(out_features, in_features, bias, device, dtype)
         self.weight = shard_parameter(full_w, self.device_mesh, self.weight_placement)
         self.bias = shard_parameter(full_b, self.device_mesh, self.bias_placement) if bias else None
 
@@ -101,9 +106,7 @@ class _ParallelLinear(nn.Module):
     def reset_parameters(self) -> None:
         """Redraw like nn.Linear (the same full values for the same seed) and keep this rank's slice."""
         w = self.weight._local_tensor
-        full_w = torch.empty(self.out_features, self.in_features, device=w.device, dtype=w.dtype)
-        full_b = torch.empty(self.out_features, device=w.device, dtype=w.dtype) if self.bias is not None else None
-        linear_init_(full_w, full_b)
+        full_w, full_b = _draw_like_linear(self.out_features, self.in_features, self.bias is not None, w.device, w.dtype)
         mesh = self.device_mesh
         w.copy_(local_slice(full_w, self.weight_placement, mesh.size(), mesh.get_local_rank()))
         if full_b is not None:
