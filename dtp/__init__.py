@@ -12,8 +12,9 @@ from .loss import vocab_parallel_cross_entropy
 from .mesh import default_mesh, init_mesh
 from .parallelize import applied_styles, explain_plan, parallelize_module
 from .verify import VerifyReport, verify
-from .styles import (ColwiseParallel, ParallelStyle, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel,
-                     SequenceParallel, VocabParallel)
+from .module_io import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
+from .style_base import ParallelStyle
+from .styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
 
 __all__ = [
     # layers and their functional core
@@ -23,7 +24,7 @@ __all__ = [
     # meshes and plans
     "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles",
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
-    "PrepareModuleInput", "PrepareModuleOutput",
+    "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
     # 2-D composition and the reference verifier
     "parallelize_2d", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport",
     # checkpoints

@@ -95,9 +95,10 @@ def all_gather(t: torch.Tensor, dim: int, sizes: tuple[int, ...], axis: AxisGrou
         out = out.view((axis.size,) + t.shape)  # (world, *shard shape)
         if len(set(sizes)) > 1:
             return torch.cat([out[r].narrow(dim, 0, n) for r, n in enumerate(sizes)], dim=dim)
+        whole = t.shape[:dim] + (axis.size * t.shape[dim],) + t.shape[dim + 1:]  # explicit: empty tensors too
         if dim == 0:
-            return out.view((-1,) + t.shape[1:])
-        return out.movedim(0, dim).reshape(t.shape[:dim] + (-1,) + t.shape[dim + 1:])
+            return out.view(whole)
+        return out.movedim(0, dim).reshape(whole)
 
     return Pending(work, gathered, finish)
 

@@ -128,7 +128,7 @@ class _Predictor:
             numel = self.seq_numel(style.output_layouts.dim, tp, m.out_features)
             self.emit("forward", "reduce_scatter", numel, path)
             self.emit("backward", "all_gather", numel, path)
-        if isinstance(style._input(m), Replicate) and not first:
+        if isinstance(style.layouts(m)[0], Replicate) and not first:
             self.emit("backward", "all_gather", self.n * _padded(m.in_features, tp), path)
 
     def embedding(self, path, m, style, tp):

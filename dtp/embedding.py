@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from .collectives import axis_of, chunk_offset, chunk_sizes
 from .functional import wrap_output
@@ -15,13 +15,21 @@ from .params import shard_parameter
 from .regions import gather_from, reduce_from, sequence_scatter
 from .views import to_local
 
-__all__ = ["vocab_parallel_embedding", "column_embedding", "VocabParallelEmbedding", "check_ids"]
+__all__ = ["vocab_parallel_embedding", "column_embedding", "VocabParallelEmbedding", "check_ids", "replicated_ids"]
+
+
+def replicated_ids(ids, mesh: DeviceMesh, declared: Placement, what: str) -> torch.Tensor:
+    """The whole batch of token ids on every rank: a DTensor (or plain ids declared sharded) is all-gathered, as
+    torch redistributes an embedding's input to Replicate."""
+    if isinstance(ids, torch.Tensor) and not isinstance(ids, DTensor) and not isinstance(declared, Replicate):
+        ids = DTensor.from_local(ids, mesh, [declared], run_check=False)
+    return _replicated_ids(ids, what)
 
 
 def _replicated_ids(ids, what: str) -> torch.Tensor:
     if isinstance(ids, DTensor):
         if not all(isinstance(p, Replicate) for p in ids.placements):
-            raise ValueError(f"{what}: token ids must be replicated, got a DTensor with placements {ids.placements}")
+            ids = ids.redistribute(ids.device_mesh, [Replicate()] * ids.device_mesh.ndim)
         ids = ids.to_local()
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"{what}: token ids must be an integer tensor, got "
@@ -43,7 +51,7 @@ def check_ids(ids: torch.Tensor, vocab: int, what: str) -> None:
 def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = None,
                              output_layout: Placement | None = None, use_local_output: bool = True):
     """Y = Σ_ranks E_r[ids] with E split by vocab rows (Shard(0)), ids outside a rank's rows giving 0;
-    forward all-reduce (Replicate) or reduce-scatter onto the sequence (Shard(d)), backward none (all-gather if scattered)."""
+    forward all-reduce (Replicate) or reduce-scatter onto dim d (Shard(d)), backward none (all-gather if scattered)."""
     ids = _replicated_ids(ids, "vocab_parallel_embedding")
     mesh = weight.device_mesh
     axis = axis_of(mesh)
@@ -62,13 +70,15 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
     layout = output_layout or Replicate()
     if isinstance(layout, Replicate):
         y = reduce_from(partial, axis)
-    elif isinstance(layout, Shard) and layout.dim % partial.dim() != partial.dim() - 1:
-        seq_dim = layout.dim % partial.dim()
-        y = sequence_scatter(partial, seq_dim, chunk_sizes(partial.shape[seq_dim], axis.size), axis)
-        layout = Shard(seq_dim)
+    elif isinstance(layout, Shard):  # any dim, the hidden one included (1-D ids: Shard(1) is the hidden dim)
+        dim = layout.dim % partial.dim()
+        y = sequence_scatter(partial, dim, chunk_sizes(partial.shape[dim], axis.size), axis)
+        layout = Shard(dim)
+    elif isinstance(layout, Partial):  # left for the caller to reduce
+        y = partial
     else:
-        raise ValueError(f"vocab_parallel_embedding: output_layout must be Replicate() or Shard(d) on a "
-                         f"token dim, got {output_layout!r}")
+        raise ValueError(f"vocab_parallel_embedding: output_layout must be Replicate(), Shard(d) or Partial(), "
+                         f"got {output_layout!r}")
     return y if use_local_output else wrap_output(y, mesh, layout, partial.shape)
 
 

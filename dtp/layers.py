@@ -9,9 +9,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from .prepared import ColumnForward, RowForward
+from .linear_forward import ColumnForward, RowForward
 from .mesh import tp_submesh
-from .params import local_slice, shard_parameter
+from .params import broadcast_from, local_slice, shard_parameter
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
@@ -85,14 +85,28 @@ class _ParallelLinear(nn.Module):
         self.bias = shard_parameter(full_b, self.device_mesh, self.bias_placement) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, device_mesh: DeviceMesh | None = None, **kwargs):
-        """A parallel copy of an nn.Linear: each rank keeps its slice of linear's weight and bias."""
+    def from_linear(cls, linear: nn.Linear, device_mesh: DeviceMesh | None = None, *, src_data_rank: int | None = 0,
+                    **kwargs):
+        """A parallel copy of an nn.Linear: each rank keeps its slice of linear's weight and bias, taken from mesh
+        rank src_data_rank (one broadcast per tensor, as torch's parallelize_module) or, with None, its own."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device_mesh=device_mesh,
-                    master_weight=linear.weight, **kwargs)
+        if type(linear).forward is not nn.Linear.forward:
+            raise TypeError(f"{cls.__name__}.from_linear: {type(linear).__module__}.{type(linear).__name__} has its own "
+                            f"forward, which a copy of its weights would drop; parallelize it with a plan instead")
+        full_w = linear.weight.detach()
+        full_b = linear.bias.detach() if linear.bias is not None else None
+        mesh = tp_submesh(device_mesh, cls.__name__)
+        if src_data_rank is not None:  # copies: the nn.Linear given is left as it was
+            full_w, full_b = full_w.clone(), (full_b.clone() if full_b is not None else None)
+            broadcast_from([t for t in (full_w, full_b) if t is not None], mesh, src_data_rank)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device_mesh=mesh,
+                    master_weight=full_w, **kwargs)
+        if full_b is not None:
+            layer.load_full_bias_(full_b)
+        layer.weight.requires_grad_(linear.weight.requires_grad)
         if linear.bias is not None:
-            layer.load_full_bias_(linear.bias)
+            layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
     @torch.no_grad()
@@ -133,8 +147,9 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, **kwargs)
         self.gather_output = gather_output
         self.input_layout = input_layout or Replicate()
-        self._forward = ColumnForward(self.device_mesh, out_features, gather_output=gather_output,
-                                      input_layout=self.input_layout, use_local_output=self.use_local_output)
+        self._forward = ColumnForward(self.device_mesh, in_features, out_features, input_layout=self.input_layout,
+                                      output_layout=Replicate() if gather_output else Shard(-1),
+                                      use_local_output=self.use_local_output, name=type(self).__name__)
 
     def forward(self, x):
         return self._forward(x, self.weight, self.bias)
@@ -158,8 +173,10 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, **kwargs)
         self.input_is_parallel = input_is_parallel
         self.output_layout = output_layout or Replicate()
-        self._forward = RowForward(self.device_mesh, in_features, input_is_parallel=input_is_parallel,
-                                   output_layout=self.output_layout, use_local_output=self.use_local_output)
+        self._forward = RowForward(self.device_mesh, in_features,
+                                   input_layout=Shard(-1) if input_is_parallel else Replicate(),
+                                   output_layout=self.output_layout, use_local_output=self.use_local_output,
+                                   name=type(self).__name__)
 
     def forward(self, x):
         return self._forward(x, self.weight, self.bias)

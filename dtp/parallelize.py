@@ -1,25 +1,34 @@
 """parallelize_module(module, device_mesh, plan): apply styles to the modules a plan's path patterns name.
 
-Patterns match module paths one dot-separated segment at a time with fnmatch (`*` never crosses
-a dot); "" is the module itself.  Everything is checked on every rank before anything changes
-(and no collective runs): an entry that matches nothing, a path two entries match, a style on a
-module it does not fit, attention heads that do not divide by the tp size.
+Plan values are dtp styles, torch.distributed.tensor.parallel style objects or Hugging Face plan
+strings.  Patterns match module paths one dot-separated segment at a time with fnmatch (`*` never
+crosses a dot); "" is the module itself; a Hugging Face string may also name a parameter.  Every
+check runs on every rank before anything changes and before any collective: an entry that matches
+nothing (a Hugging Face one only warns, as transformers does), a path two entries match, a style on a
+module it does not fit or that another style already split, a head that would be cut.  A plan may
+be applied in several calls (root, then each block, or the other way round); applying the same
+style to a module again changes nothing.
 """
 
 from __future__ import annotations
 
+import warnings
 from fnmatch import fnmatchcase
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
 
+from .heads import HEAD_ATTRIBUTES, check_whole_heads
+from .hf_plans import ShardParameter, hf_parameter_placement, hf_style
 from .mesh import tp_submesh
-from .replicate import replicate_remaining_
-from .styles import ColwiseParallel, ParallelStyle, RowwiseParallel
+from .params import broadcast_from, shard_parameter
+from .replicated_params import replicate_remaining_
+from .style_base import ParallelStyle
+from .styles import ColwiseParallel, RowwiseParallel
+from .torch_styles import TorchStyle, from_torch_style, is_torch_style
 
 __all__ = ["parallelize_module", "explain_plan", "applied_styles"]
-
-HEAD_ATTRIBUTES = ("n_heads", "num_heads", "n_head", "num_attention_heads", "n_kv_heads", "num_key_value_heads")
 
 
 def _matches(pattern: str, path: str) -> bool:
@@ -29,56 +38,108 @@ def _matches(pattern: str, path: str) -> bool:
     return len(pat) == len(parts) and all(fnmatchcase(p, q) for q, p in zip(pat, parts))
 
 
-def _check_heads(model: nn.Module, path: str, tp: int, where: str) -> None:
-    """A split attention projection needs its parent's head counts divisible by the tp size."""
-    parent = model.get_submodule(path.rpartition(".")[0])
-    for attr in HEAD_ATTRIBUTES:
-        heads = getattr(parent, attr, None)
-        if isinstance(heads, int) and not isinstance(heads, bool) and heads % tp:
-            raise ValueError(f"{where}: the attention module {path.rpartition('.')[0] or '<root>'!r} has "
-                             f"{attr}={heads}, which is not divisible by the tp size {tp}; each rank must hold "
-                             f"whole heads")
+def _as_style(value, where: str) -> ParallelStyle:
+    if isinstance(value, ParallelStyle):
+        return value
+    if isinstance(value, str):
+        return hf_style(value, where)
+    if is_torch_style(value):
+        return from_torch_style(value, where)
+    raise TypeError(f"{where}: expected a dtp style (dtp.ColwiseParallel(), ...), a torch.distributed.tensor.parallel "
+                    f"style or a Hugging Face plan string, got {type(value).__module__}.{type(value).__name__}")
+
+
+def _check_heads(model: nn.Module, path: str, style, target: nn.Module, tp: int, where: str) -> None:
+    """A projection an attention module's heads run through must give each rank whole heads."""
+    if not path or not isinstance(target, nn.Linear) or not isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        return
+    parent_path = path.rpartition(".")[0]
+    parent = model.get_submodule(parent_path)
+    if any(hasattr(parent, a) for a in HEAD_ATTRIBUTES + ("head_dim",)):
+        features = target.out_features if isinstance(style, ColwiseParallel) else target.in_features
+        check_whole_heads(parent, parent_path, features, tp, where)
 
 
 def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | None = None) -> dict:
-    """{module path: style} the plan would apply, after every check parallelize_module makes (changes nothing)."""
+    """{module or parameter path: style} the plan would apply, after every check parallelize_module makes (changes nothing)."""
     mesh = tp_submesh(device_mesh, "parallelize_module")
-    if isinstance(parallelize_plan, ParallelStyle):
+    if isinstance(parallelize_plan, ParallelStyle) or is_torch_style(parallelize_plan):
         parallelize_plan = {"": parallelize_plan}
     if not isinstance(parallelize_plan, dict):
         raise TypeError(f"parallelize_module: parallelize_plan must be a dict {{path pattern: style}} or a style, "
                         f"got {type(parallelize_plan).__name__}")
     paths = [name for name, _ in module.named_modules()]
-    chosen: dict[str, tuple[str, ParallelStyle]] = {}
-    for pattern, style in parallelize_plan.items():
-        if not isinstance(style, ParallelStyle):
-            raise TypeError(f"plan entry {pattern!r}: expected a dtp style (dtp.ColwiseParallel(), ...), got "
-                            f"{type(style).__module__}.{type(style).__name__}")
+    params = dict(module.named_parameters())
+    chosen: dict[str, tuple[str, object]] = {}
+    for pattern, value in parallelize_plan.items():
+        entry = f"plan entry {pattern!r}"
         hits = [p for p in paths if _matches(pattern, p)]
-        if not hits:
+        param_hits = [] if hits else [p for p in params if _matches(pattern, p)]
+        if not hits and not param_hits:
             sample = ", ".join(repr(p) for p in paths[1:8])
-            raise ValueError(f"plan entry {pattern!r} matches no module; module paths include {sample}")
-        for path in hits:
+            if isinstance(value, str):  # transformers only warns about rules a model does not use
+                _as_style(value, entry)
+                warnings.warn(f"{entry} ({value!r}) matches no module or parameter; it is skipped", stacklevel=3)
+                continue
+            raise ValueError(f"{entry} matches no module; module paths include {sample}")
+        if param_hits and not isinstance(value, str):
+            raise ValueError(f"{entry} names parameters ({param_hits[:3]}); styles apply to modules (only a Hugging "
+                             f"Face plan string may name a parameter)")
+        for path in hits + param_hits:
+            where = f"{entry} at {'module' if hits else 'parameter'} {path!r}"
             if path in chosen:
                 raise ValueError(f"module {path!r} is matched by two plan entries, {chosen[path][0]!r} and {pattern!r}")
-            where = f"plan entry {pattern!r} at module {path!r}"
-            target = module.get_submodule(path)
-            style.check(target, mesh, where)
-            if path and isinstance(style, (ColwiseParallel, RowwiseParallel)) and isinstance(target, nn.Linear):
-                _check_heads(module, path, mesh.size(), where)
+            if param_hits:
+                style = ShardParameter(hf_parameter_placement(value, path, params[path].dim(), where), value)
+                _check_parameter(params[path], style, mesh, where)
+            else:
+                style = _as_style(value, where)
+                target = module.get_submodule(path)
+                style.check(target, mesh, where)
+                _check_heads(module, path, style, target, mesh.size(), where)
             chosen[path] = (pattern, style)
     return {path: style for path, (_, style) in chosen.items()}
 
 
+def _check_parameter(param, style: ShardParameter, mesh: DeviceMesh, where: str) -> None:
+    if isinstance(param, DTensor) and (param.device_mesh != mesh
+                                       or param.placements not in ((Replicate(),), (style.placement,))):
+        raise ValueError(f"{where}: the parameter is already a DTensor {list(param.placements)} on "
+                         f"{param.device_mesh}; the plan splits it as {style.placement!r} on {mesh}")
+
+
 def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None, parallelize_plan=None, *,
-                       replicate_rest: bool = True) -> nn.Module:
-    """Split module in place by a plan {path pattern: style} on the mesh's tp axis; each rank keeps its slice of the weights (no collective).
+                       src_data_rank: int | None = 0, replicate_rest: bool = True) -> nn.Module:
+    """Split module in place by a plan {path pattern: style} on the mesh's tp axis; one broadcast per parameter from mesh rank
+    src_data_rank (as torch: every rank ends with that rank's values), or none with src_data_rank=None (local slices).
 
     With replicate_rest (the default) the parameters no style touched become replicated DTensors
     (their modules still compute on local tensors), so the whole model is DTensor parameters.
     """
     mesh = tp_submesh(device_mesh, "parallelize_module")
-    for path, style in explain_plan(module, parallelize_plan or {}, mesh).items():
+    if src_data_rank is not None and not (isinstance(src_data_rank, int) and 0 <= src_data_rank < mesh.size()):
+        raise ValueError(f"parallelize_module: src_data_rank must be None or a rank of the {mesh.size()}-rank tp mesh "
+                         f"(0..{mesh.size() - 1}), got {src_data_rank!r}")
+    if not parallelize_plan:
+        warnings.warn("parallelize_module: the plan is empty, so this call does nothing", stacklevel=2)
+        return module
+    plan = explain_plan(module, parallelize_plan, mesh)
+    todo = {path: style for path, style in plan.items()
+            if isinstance(style, ShardParameter) or not style.is_applied(module.get_submodule(path), mesh)}
+    if src_data_rank is not None:  # every tensor this call turns into a DTensor takes src's values
+        touched = module.parameters() if replicate_rest else [
+            p for path, style in todo.items()
+            for p in ([module.get_parameter(path)] if isinstance(style, ShardParameter)
+                      else module.get_submodule(path).parameters())]
+        broadcast_from(list(touched), mesh, src_data_rank)
+    for path, style in todo.items():
+        if isinstance(style, ShardParameter):
+            owner_path, _, name = path.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            owner._parameters[name] = shard_parameter(owner._parameters[name], mesh, style.placement, what=path)
+            continue
+        if isinstance(style, TorchStyle):
+            style.style.src_data_rank = src_data_rank
         style.apply(module.get_submodule(path), mesh, path)
     if replicate_rest:
         replicate_remaining_(module, mesh)

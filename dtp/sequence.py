@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .collectives import AxisGroup, axis_of
 from .functional import wrap_output
-from .replicate import local_parameters
+from .replicated_params import local_parameters
 from .views import to_local
 from .regions import replicated_local
 
@@ -22,15 +22,12 @@ __all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forw
 
 
 def sequence_shard_of(x, mesh: DeviceMesh, seq_dim: int, what: str):
-    """(this rank's sequence shard of x, x's global shape); a plain tensor is taken as an even shard."""
+    """(this rank's sequence shard of x, x's global shape); a plain tensor is taken as an even shard, a DTensor in
+    another layout is redistributed (torch's semantics)."""
     if isinstance(x, DTensor):
-        placement = x.placements[-1]
         seq = seq_dim % x.dim()
-        if isinstance(placement, Shard) and placement.dim % x.dim() != seq:
-            raise ValueError(f"{what}: expected an input sharded on the sequence dim {seq} (Shard({seq})), "
-                             f"got a DTensor sharded as {placement!r}; shape {tuple(x.shape)}")
-        if placement != Shard(seq):
-            x = x.redistribute(mesh, [Shard(seq)])  # Replicate: keep our slice; Partial: reduce-scatter
+        if x.placements != (Shard(seq),):  # any layout, as torch: Replicate keeps our slice, Partial reduce-scatters,
+            x = x.redistribute(mesh, [Shard(seq)])  # another shard dim is all-to-all'ed
         return to_local(x), tuple(x.shape)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what}: input must be a tensor, got {type(x).__name__}")

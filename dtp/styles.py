@@ -1,90 +1,92 @@
-"""Plan styles: small keyword-only objects saying how one module is split, with torch's names and defaults.
+"""Plan styles with torch's names and defaults: how one module is split.
 
-    ColwiseParallel   nn.Linear: W Shard(0); in Replicate (or Shard(seq): all-gather); out Shard(-1) (or Replicate: all-gather)
-                      nn.Embedding: E Shard(1); out Shard(-1) (or Replicate: all-gather)
-    RowwiseParallel   nn.Linear: W Shard(1), b Replicate; in Shard(-1) (or Replicate); out Replicate: all-reduce (or Shard(seq): reduce-scatter)
-                      nn.Embedding: vocab parallel, E Shard(0); ids Replicate; out as for nn.Linear
-    VocabParallel     nn.Embedding only: the same as RowwiseParallel on an embedding
-    SequenceParallel  any module (norms, dropout): runs on sequence shards, parameters replicated
-    PrepareModuleInput / PrepareModuleOutput: redistribute a module's inputs / outputs (DTensor semantics)
+    ColwiseParallel    nn.Linear: W, b Shard(0); in Replicate; out Shard(-1) (or Replicate: all-gather)
+                       nn.Embedding: E Shard(1); out Shard(-1) (or Replicate: all-gather)
+    RowwiseParallel    nn.Linear: W Shard(1), b Replicate; in Shard(-1) (or Replicate); out Replicate: all-reduce
+                       (or Shard(d): reduce-scatter); nn.Embedding: vocab parallel, E Shard(0), ids Replicate
+    VocabParallel      nn.Embedding only: RowwiseParallel on an embedding
+    SequenceParallel   any module (norms, dropout): runs on sequence shards, parameters replicated
+    ReplicateParallel  any module: whole on every rank, forward on local tensors (gradients summed over tp on request)
 
-A module keeps its class, its parameter names and its values (each rank keeps its slice); its
-forward is replaced by dtp's, which computes on local shards with the minimum collectives.
+Inputs and outputs may be in any layout torch's styles accept: Megatron's layouts run on dtp's fused
+paths, others through DTensor (torch's semantics).  A module keeps its class, its parameter names,
+their requires_grad and their values (each rank keeps its slice).  An nn.Linear / nn.Embedding
+subclass with a forward of its own (LoRA adapters, quantized wrappers) keeps that forward: it runs on
+DTensors with the parameter placements torch's styles give, as torch runs it.
 """
 
 from __future__ import annotations
 
 from types import MethodType
 
+import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from .embedding import column_embedding, vocab_parallel_embedding
-from .prepared import ColumnForward, RowForward
+from .collectives import axis_of
+from .embedding import column_embedding, replicated_ids, vocab_parallel_embedding
+from .functional import dtensor_forward, is_last_dim
+from .linear_forward import ColumnForward, RowForward
 from .params import shard_parameter
-from .prepare import prepare_inputs, prepare_outputs
-from .replicate import replicate_parameters_
+from .regions import replicated_local
+from .replicated_params import local_forward, replicate_own_, replicate_parameters_
 from .sequence import sequence_parallel_forward
+from .style_base import ParallelStyle
 
-__all__ = ["ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
-           "PrepareModuleInput", "PrepareModuleOutput"]
-
-
-def _is_last(p: Placement) -> bool:
-    return isinstance(p, Shard) and p.dim == -1
+__all__ = ["ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel", "ReplicateParallel"]
 
 
-def _is_token_shard(p: Placement) -> bool:
-    return isinstance(p, Shard) and p.dim != -1
+def _check(where: str, what: str, value, allowed: tuple) -> None:
+    if not isinstance(value, allowed):
+        names = " or ".join(f"{c.__name__}()" if c is not Shard else "Shard(d)" for c in allowed)
+        raise ValueError(f"{where}: {what}={value!r} cannot be honoured here; allowed: {names}")
 
 
-class ParallelStyle:
-    """A description of how to split one module; `check` validates (no changes), `apply` splits in place."""
-
-    fits: tuple = (nn.Module,)
-
-    def check(self, module: nn.Module, mesh: DeviceMesh, where: str) -> None:
-        if not isinstance(module, self.fits):
-            names = " or ".join(f"nn.{c.__name__}" for c in self.fits)
-            raise TypeError(f"{where}: {type(self).__name__} applies to {names}, but the module is a "
-                            f"{type(module).__module__}.{type(module).__name__}")
-        self._check_layouts(module, where)
-
-    def _check_layouts(self, module, where) -> None:
-        pass
-
-    def apply(self, module: nn.Module, mesh: DeviceMesh, path: str) -> None:
-        module._dtp_style, module._dtp_mesh, module._dtp_path = self, mesh, path
-        self._apply(module, mesh)
-
-    def _apply(self, module, mesh) -> None:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
+def _base(module: nn.Module) -> type:
+    return nn.Embedding if isinstance(module, nn.Embedding) else nn.Linear
 
 
-def _split(module, mesh, weight_placement, bias_placement, forward) -> None:
-    """module.weight (and bias) become DTensor parameters holding this rank's slice; forward becomes dtp's."""
-    module.weight = shard_parameter(module.weight, mesh, weight_placement)
-    if getattr(module, "bias", None) is not None:
-        module.bias = shard_parameter(module.bias, mesh, bias_placement)
-    module.forward = MethodType(forward, module)
+def has_own_forward(module: nn.Module) -> bool:
+    """True for an nn.Linear / nn.Embedding subclass whose forward is not the base class's."""
+    return type(module).forward is not _base(module).forward
 
 
-def _bad(where, what, value, allowed):
-    return ValueError(f"{where}: {what}={value!r} is not supported here; allowed: {allowed}")
-
-
-class ColwiseParallel(ParallelStyle):
-    """Split output features (Linear W Shard(0), Embedding E Shard(1)); forward all-gather only if output Replicate, backward all-reduce of dX."""
+class _SplitStyle(ParallelStyle):
+    """Colwise / Rowwise: the parameter placements, the fast forward, and the subclass path."""
 
     fits = (nn.Linear, nn.Embedding)
+
+    def placements(self, module: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def _check_layouts(self, module, where) -> None:
+        for name, placement in self.placements(module).items():
+            param = module._parameters.get(name)
+            if isinstance(param, DTensor) and param.placements not in ((Replicate(),), (placement,)):
+                raise ValueError(f"{where}: parameter {name!r} is already split as {list(param.placements)}; "
+                                 f"{type(self).__name__} would split it as {placement!r}")
+
+    def _apply(self, module, mesh) -> None:
+        for name, placement in self.placements(module).items():
+            if module._parameters.get(name) is not None:
+                module._parameters[name] = shard_parameter(module._parameters[name], mesh, placement,
+                                                           what=f"{module._dtp_path}.{name}")
+        if has_own_forward(module):  # its own math, on DTensors; everything it reads must be a DTensor
+            for sub in module.modules():
+                replicate_own_(sub, mesh)
+                for name, buf in list(sub._buffers.items()):
+                    if buf is not None and not isinstance(buf, DTensor):
+                        sub._buffers[name] = DTensor.from_local(buf, mesh, [Replicate()], run_check=False)
+            module.forward = MethodType(_subclass_forward, module)
+        else:
+            self._apply_fast(module, mesh)
+
+    def _apply_fast(self, module, mesh) -> None:
+        raise NotImplementedError
+
+
+class ColwiseParallel(_SplitStyle):
+    """Split output features (Linear W Shard(0), Embedding E Shard(1)); forward all-gather only if output Replicate, backward all-reduce of dX."""
 
     def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
                  use_local_output: bool = True):
@@ -92,28 +94,35 @@ class ColwiseParallel(ParallelStyle):
         self.output_layouts = output_layouts or Shard(-1)
         self.use_local_output = use_local_output
 
+    def layouts(self, module) -> tuple:
+        """(declared input, the input the math needs, output)."""
+        return self.input_layouts, Replicate(), self.output_layouts
+
+    def placements(self, module) -> dict:
+        if has_own_forward(module):  # as torch: every own parameter on the split dim
+            dim = 1 if isinstance(module, nn.Embedding) else 0
+            return {name: Shard(dim) for name, p in module._parameters.items() if p is not None}
+        return {"weight": Shard(1)} if isinstance(module, nn.Embedding) else {"weight": Shard(0), "bias": Shard(0)}
+
     def _check_layouts(self, module, where) -> None:
-        ins = "Replicate() or Shard(d) on a token dim" if isinstance(module, nn.Linear) else "Replicate()"
-        if not (isinstance(self.input_layouts, Replicate)
-                or (isinstance(module, nn.Linear) and _is_token_shard(self.input_layouts))):
-            raise _bad(where, "input_layouts", self.input_layouts, ins)
-        if not (isinstance(self.output_layouts, Replicate) or _is_last(self.output_layouts)):
-            raise _bad(where, "output_layouts", self.output_layouts, "Shard(-1) or Replicate()")
+        inputs = (Replicate, Shard, Partial) if isinstance(module, nn.Linear) else (Replicate, Shard)
+        _check(where, "input_layouts", self.input_layouts, inputs)
+        _check(where, "output_layouts", self.output_layouts, (Replicate, Shard))
+        super()._check_layouts(module, where)
 
-    def _apply(self, module, mesh) -> None:
+    def _apply_fast(self, module, mesh) -> None:
         if isinstance(module, nn.Embedding):
-            _split(module, mesh, Shard(1), None, _colwise_embedding_forward)
+            module.forward = MethodType(_colwise_embedding_forward, module)
             return
-        _split(module, mesh, Shard(0), Shard(0), _linear_forward)
-        module._dtp_forward = ColumnForward(mesh, module.out_features,
-                                            gather_output=isinstance(self.output_layouts, Replicate),
-                                            input_layout=self.input_layouts, use_local_output=self.use_local_output)
+        module._dtp_forward = ColumnForward(mesh, module.in_features, module.out_features,
+                                            input_layout=self.input_layouts, output_layout=self.output_layouts,
+                                            use_local_output=self.use_local_output,
+                                            name=f"ColwiseParallel({module._dtp_path!r})")
+        module.forward = MethodType(_linear_forward, module)
 
 
-class RowwiseParallel(ParallelStyle):
+class RowwiseParallel(_SplitStyle):
     """Split input features (Linear W Shard(1), b Replicate; Embedding: vocab rows); forward all-reduce (or reduce-scatter) of Y."""
-
-    fits = (nn.Linear, nn.Embedding)
 
     def __init__(self, *, input_layouts: Placement | None = None, output_layouts: Placement | None = None,
                  use_local_output: bool = True):
@@ -121,29 +130,37 @@ class RowwiseParallel(ParallelStyle):
         self.output_layouts = output_layouts or Replicate()
         self.use_local_output = use_local_output
 
-    def _input(self, module) -> Placement:
-        return self.input_layouts or (Replicate() if isinstance(module, nn.Embedding) else Shard(-1))
+    def layouts(self, module) -> tuple:
+        """(declared input, the input the math needs, output)."""
+        needed = Replicate() if isinstance(module, nn.Embedding) else Shard(-1)
+        return self.input_layouts or needed, needed, self.output_layouts
+
+    def placements(self, module) -> dict:
+        if isinstance(module, nn.Embedding):
+            return {name: Shard(0) for name, p in module._parameters.items() if p is not None}
+        extra = {name: Replicate() for name, p in module._parameters.items() if p is not None}
+        return {**extra, "weight": Shard(1), "bias": Replicate()}
 
     def _check_layouts(self, module, where) -> None:
-        allowed = (Replicate(),) if isinstance(module, nn.Embedding) else (Replicate(), Shard(-1))
-        if self._input(module) not in allowed:
-            raise _bad(where, "input_layouts", self.input_layouts, " or ".join(map(repr, allowed)))
-        if not (isinstance(self.output_layouts, Replicate) or _is_token_shard(self.output_layouts)):
-            raise _bad(where, "output_layouts", self.output_layouts, "Replicate() or Shard(d) on a token dim")
-        if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        embedding = isinstance(module, nn.Embedding)
+        _check(where, "input_layouts", self.layouts(module)[0], (Replicate, Shard) if embedding else (Replicate, Shard, Partial))
+        _check(where, "output_layouts", self.output_layouts, (Replicate, Shard, Partial))
+        if embedding and (module.max_norm is not None or module.sparse):
             raise ValueError(f"{where}: vocab-parallel embeddings support neither max_norm nor sparse gradients")
+        super()._check_layouts(module, where)
 
-    def _apply(self, module, mesh) -> None:
+    def _apply_fast(self, module, mesh) -> None:
         if isinstance(module, nn.Embedding):
-            _split(module, mesh, Shard(0), None, _vocab_embedding_forward)
+            module.forward = MethodType(_vocab_embedding_forward, module)
             return
-        _split(module, mesh, Shard(1), Replicate(), _linear_forward)
-        module._dtp_forward = RowForward(mesh, module.in_features, input_is_parallel=_is_last(self._input(module)),
-                                         output_layout=self.output_layouts, use_local_output=self.use_local_output)
+        module._dtp_forward = RowForward(mesh, module.in_features, input_layout=self.layouts(module)[0],
+                                         output_layout=self.output_layouts, use_local_output=self.use_local_output,
+                                         name=f"RowwiseParallel({module._dtp_path!r})")
+        module.forward = MethodType(_linear_forward, module)
 
 
 class VocabParallel(RowwiseParallel):
-    """nn.Embedding split by vocab rows (Shard(0)); forward all-reduce (Replicate) or reduce-scatter onto the sequence (Shard(1))."""
+    """nn.Embedding split by vocab rows (Shard(0)); forward all-reduce (Replicate) or reduce-scatter onto Shard(d)."""
 
     fits = (nn.Embedding,)
 
@@ -163,44 +180,17 @@ class SequenceParallel(ParallelStyle):
         module.forward = MethodType(sequence_parallel_forward, module)
 
 
-class PrepareModuleInput(ParallelStyle):
-    """Declare the layouts of a module's inputs and redistribute them to the desired ones (DTensor semantics)."""
+class ReplicateParallel(ParallelStyle):
+    """Keep the module whole on every rank: its own plain parameters become replicated DTensors and its forward runs on
+    local tensors (no collective); with grad_all_reduce their gradients are summed over tp in backward (for a module
+    that sees only this rank's heads, such as Qwen3's q_norm)."""
 
-    def __init__(self, *, input_layouts=None, desired_input_layouts=None, input_kwarg_layouts=None,
-                 desired_input_kwarg_layouts=None, use_local_output: bool = False):
-        as_tuple = (lambda v: (v,) if isinstance(v, Placement) else (tuple(v) if v is not None else None))
-        self.input_layouts = as_tuple(input_layouts)
-        self.desired_input_layouts = as_tuple(desired_input_layouts)
-        self.input_kwarg_layouts = dict(input_kwarg_layouts or {})
-        self.desired_input_kwarg_layouts = dict(desired_input_kwarg_layouts or {})
-        self.use_local_output = use_local_output
-        if (self.input_layouts is None) != (self.desired_input_layouts is None) or (
-                self.input_layouts is not None and len(self.input_layouts) != len(self.desired_input_layouts)):
-            raise ValueError(f"PrepareModuleInput: input_layouts {self.input_layouts} and desired_input_layouts "
-                             f"{self.desired_input_layouts} must have the same length")
-        if set(self.input_kwarg_layouts) != set(self.desired_input_kwarg_layouts):
-            raise ValueError("PrepareModuleInput: input_kwarg_layouts and desired_input_kwarg_layouts must name "
-                             "the same keyword arguments")
+    def __init__(self, *, grad_all_reduce: bool = False):
+        self.grad_all_reduce = grad_all_reduce
 
     def _apply(self, module, mesh) -> None:
-        module.register_forward_pre_hook(lambda mod, args, kwargs: prepare_inputs(mod, args, kwargs),
-                                         with_kwargs=True)
-
-
-class PrepareModuleOutput(ParallelStyle):
-    """Declare the layouts of a module's outputs and redistribute them to the desired ones (DTensor semantics)."""
-
-    def __init__(self, *, output_layouts, desired_output_layouts, use_local_output: bool = True):
-        as_tuple = (lambda v: (v,) if isinstance(v, Placement) else tuple(v))
-        self.output_layouts = as_tuple(output_layouts)
-        self.desired_output_layouts = as_tuple(desired_output_layouts)
-        self.use_local_output = use_local_output
-        if len(self.output_layouts) != len(self.desired_output_layouts):
-            raise ValueError(f"PrepareModuleOutput: output_layouts {self.output_layouts} and desired_output_layouts "
-                             f"{self.desired_output_layouts} must have the same length")
-
-    def _apply(self, module, mesh) -> None:
-        module.register_forward_hook(lambda mod, args, out: prepare_outputs(mod, out))
+        replicate_own_(module, mesh)
+        module.forward = MethodType(_replicate_forward, module)
 
 
 # -- the forwards the styles install (bound to the module; read its style for the layout) ------
@@ -209,14 +199,34 @@ def _linear_forward(self, x):
     return self._dtp_forward(x, self.weight, self.bias)
 
 
+def _subclass_forward(self, x, *args, **kwargs):
+    declared, needed, out = self._dtp_style.layouts(self)
+    if isinstance(needed, Shard) and isinstance(x, torch.Tensor):
+        needed = Shard(needed.dim % x.dim())
+    return dtensor_forward(lambda t: type(self).forward(self, t, *args, **kwargs), x, self._dtp_mesh, declared, needed,
+                           out, self._dtp_style.use_local_output)
+
+
 def _colwise_embedding_forward(self, ids):
-    style = self._dtp_style
-    return column_embedding(ids, self.weight, padding_idx=self.padding_idx,
-                            gather_output=isinstance(style.output_layouts, Replicate),
-                            use_local_output=style.use_local_output)
+    style, mesh = self._dtp_style, self._dtp_mesh
+    ids = replicated_ids(ids, mesh, style.input_layouts, f"ColwiseParallel({self._dtp_path!r})")
+    out = style.output_layouts
+    if isinstance(out, Replicate) or is_last_dim(out, ids.dim() + 1):
+        return column_embedding(ids, self.weight, padding_idx=self.padding_idx, gather_output=isinstance(out, Replicate),
+                                use_local_output=style.use_local_output)
+    y = column_embedding(ids, self.weight, padding_idx=self.padding_idx, use_local_output=False).redistribute(mesh, [out])
+    return y.to_local() if style.use_local_output else y
 
 
 def _vocab_embedding_forward(self, ids):
     style = self._dtp_style
+    ids = replicated_ids(ids, self._dtp_mesh, style.layouts(self)[0], f"RowwiseParallel({self._dtp_path!r})")
     return vocab_parallel_embedding(ids, self.weight, padding_idx=self.padding_idx,
                                     output_layout=style.output_layouts, use_local_output=style.use_local_output)
+
+
+def _replicate_forward(self, *args, **kwargs):
+    if self._dtp_style.grad_all_reduce:
+        axis = axis_of(self._dtp_mesh)
+        return local_forward(self, args, kwargs, lambda p: replicated_local(p, axis))
+    return local_forward(self, args, kwargs)

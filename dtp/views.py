@@ -51,6 +51,8 @@ class _FromLocal(torch.autograd.Function):
             return g._local_tensor, None, None
         if g.placements == (Partial(),) and ctx.spec.placements == (Replicate(),):
             return all_reduce(g._local_tensor, ctx.axis).wait(), None, None  # the one reduction of partial grads
+        if ctx.spec.placements == (Partial(),) and g.placements == (Replicate(),):
+            return g._local_tensor, None, None  # as torch: a replicated gradient of a Partial input stays as it is
         return g.redistribute(ctx.spec.mesh, ctx.spec.placements)._local_tensor, None, None
 
 

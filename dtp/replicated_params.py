@@ -1,6 +1,9 @@
-"""Modules a plan does not split: their parameters become replicated DTensors too, so a whole model is
-all-DTensor (optimizers with foreach/fused kernels, clip_grad_norm_ and state dicts never meet a
-"mixed torch.Tensor and DTensor" error), while their forward still runs on plain local tensors."""
+"""Replicated DTensor parameters for modules a plan does not split, and running a module on its local parameters.
+
+After a plan every parameter is a DTensor (optimizers with foreach/fused kernels, clip_grad_norm_
+and state dicts never meet a "mixed torch.Tensor and DTensor" error), while the modules a plan
+left alone still compute on plain local tensors.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +17,15 @@ from torch.distributed.tensor import DTensor, Replicate
 from .params import shard_parameter
 from .views import to_local
 
-__all__ = ["replicate_parameters_", "local_parameters", "replicate_remaining_"]
+__all__ = ["replicate_own_", "replicate_parameters_", "local_parameters", "local_forward", "replicate_remaining_"]
 
 
-def _replicate_own_(module: nn.Module, mesh: DeviceMesh) -> bool:
-    """module's own plain parameters become replicated DTensor parameters; True if there were any."""
+def replicate_own_(module: nn.Module, mesh: DeviceMesh) -> bool:
+    """module's own plain parameters become replicated DTensor parameters (frozen stay frozen); True if any did."""
     changed = False
     for name, param in list(module._parameters.items()):
         if param is not None and not isinstance(param, DTensor):
-            module._parameters[name] = shard_parameter(param, mesh, Replicate(), requires_grad=param.requires_grad)
+            module._parameters[name] = shard_parameter(param, mesh, Replicate(), what=f"parameter {name!r}")
             changed = True
     return changed
 
@@ -30,7 +33,7 @@ def _replicate_own_(module: nn.Module, mesh: DeviceMesh) -> bool:
 def replicate_parameters_(module: nn.Module, mesh: DeviceMesh) -> None:
     """Turn every plain parameter of module (recursively) into a replicated DTensor parameter (no communication)."""
     for owner in module.modules():
-        _replicate_own_(owner, mesh)
+        replicate_own_(owner, mesh)
 
 
 @contextmanager
@@ -53,16 +56,22 @@ def _has_dtensor(values) -> bool:
     return any(isinstance(v, DTensor) for v in values)
 
 
-def replicated_forward(self, *args, **kwargs):
-    """The module's own forward; on plain inputs its replicated parameters read as local tensors (no collective)."""
+def local_forward(module: nn.Module, args, kwargs, read_local=to_local):
+    """module's own forward; on plain inputs its own DTensor parameters read as read_local(param) (no collective by
+    default), on DTensor inputs it runs on DTensors (DTensor semantics)."""
     if _has_dtensor(args) or _has_dtensor(kwargs.values()):
-        return type(self).forward(self, *args, **kwargs)  # DTensor inputs: DTensor semantics
-    with local_parameters(self, to_local, recurse=False):
-        return type(self).forward(self, *args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)
+    with local_parameters(module, read_local, recurse=False):
+        return type(module).forward(module, *args, **kwargs)
+
+
+def replicated_forward(self, *args, **kwargs):
+    """The module's own forward on its replicated parameters' local tensors (no collective)."""
+    return local_forward(self, args, kwargs)
 
 
 def replicate_remaining_(model: nn.Module, mesh: DeviceMesh) -> None:
     """Every module a plan left alone that owns plain parameters gets replicated DTensor ones and a local-tensor forward."""
     for module in model.modules():
-        if "forward" not in vars(module) and _replicate_own_(module, mesh):
+        if "forward" not in vars(module) and replicate_own_(module, mesh):
             module.forward = MethodType(replicated_forward, module)

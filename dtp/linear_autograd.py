@@ -1,0 +1,147 @@
+"""The autograd functions of the parallel linear layers: local math on shards plus exactly the collectives the layout needs.
+
+Each layer is one function that computes on the local shards, the input-gradient collective
+overlapped with the weight-gradient matmul.  Parameters stay DTensors: forward reads their local
+shard, backward returns DTensor gradients with the parameters' own placements and dtype.
+
+Under `torch.autocast` they compute as nn.Linear does there: input, weight and bias cast to the
+autocast dtype, the matmuls in it, and each gradient handed back in its tensor's own dtype (input
+gradients are converted before they are reduced, as torch's TP reduces them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from .collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
+
+__all__ = ["ColumnLinearFn", "RowLinearFn", "PARTIAL_GRAD"]
+
+PARTIAL_GRAD = "partial"
+
+
+def _grad_dtensor(local: torch.Tensor | None, param: DTensor):
+    """Wrap a local gradient shard as a DTensor laid out exactly like `param` (no communication)."""
+    if local is None:
+        return None
+    if local.dtype != param.dtype:
+        local = local.to(param.dtype)
+    # DTensor.__new__ alone: DTensor.__init__ only adds a dynamo-disabling wrapper (~1.5 µs a call)
+    return DTensor.__new__(DTensor, local.contiguous(), param._spec, requires_grad=False)
+
+
+def _matmul_grads(g: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool):
+    """dW = gᵀ x and db = Σ g over all leading dims (local)."""
+    if g.dim() == 2:
+        g2, x2 = g, x
+    else:
+        rows = math.prod(g.shape[:-1])
+        g2, x2 = g.reshape(rows, g.shape[-1]), x.reshape(rows, x.shape[-1])
+    grad_w = g2.t().mm(x2) if need_w else None
+    grad_b = g2.sum(0) if need_b else None
+    return grad_w, grad_b
+
+
+def _autocast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """(x, w, b) cast to the autocast dtype where autocast is on for x's device, as F.linear would be."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or not x.is_floating_point():
+        return x, w, b
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
+
+
+class ColumnLinearFn(torch.autograd.Function):
+    """Y = X Wᵀ + b, W Shard(0): fwd all-gather X (if sequence-sharded) and Y (if gathered); bwd one collective on dX.
+
+    in_dim: None = X replicated, dX all-reduced; PARTIAL_GRAD = X replicated, dX left partial for
+    the caller to reduce (a DTensor input: many layers' partial dX are summed first, reduced once);
+    an int = X sharded on that dim (sequence parallel), all-gathered, dX reduce-scattered.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, axis, in_dim, in_sizes, out_sizes):
+        w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
+        b = None if bias is None else bias._local_tensor.detach()
+        x_dtype = x.dtype
+        x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
+        x_full, w, b = _autocast(x_full, w, b)
+        y = F.linear(x_full, w, b)
+        ctx.save_for_backward(x_full, w)
+        ctx.params = (weight, bias)
+        ctx.layout = (axis, in_dim, in_sizes, out_sizes, x_dtype)
+        if out_sizes is not None:
+            y = all_gather(y, -1, out_sizes, axis).wait()
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x_full, w = ctx.saved_tensors
+        weight, bias = ctx.params
+        axis, in_dim, in_sizes, out_sizes, x_dtype = ctx.layout
+        if out_sizes is not None:  # gathered output: keep our slice of the (replicated) gradient
+            g = g.narrow(-1, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
+        if g.dtype != w.dtype:
+            g = g.to(w.dtype)
+        pending = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.matmul(w).to(x_dtype)  # this rank's share of dX: summed over the axis below
+            if in_dim is None:
+                pending = all_reduce(grad_x, axis, inplace=True)
+            elif in_dim is not PARTIAL_GRAD:
+                pending = reduce_scatter(grad_x, in_dim, in_sizes, axis)
+        grad_w, grad_b = _matmul_grads(g, x_full, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if pending is not None:
+            grad_x = pending.wait()
+        return (grad_x, _grad_dtensor(grad_w, weight), _grad_dtensor(grad_b, bias), None, None, None, None)
+
+
+class RowLinearFn(torch.autograd.Function):
+    """Y = Σ_ranks X_r W_rᵀ + b, W Shard(1): fwd all-reduce (or reduce-scatter on out_dim) of Y; bwd none (all-gather if scattered)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, axis, in_sizes, split_input, out_dim):
+        w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
+        x_dtype = x.dtype
+        if split_input:  # a full input: keep our slice of its last dim, no communication
+            x = x.narrow(-1, sum(in_sizes[: axis.rank]), in_sizes[axis.rank])
+        x, w, _ = _autocast(x, w, None)
+        partial = F.linear(x, w)
+        out_sizes = None
+        if out_dim is None:
+            y = all_reduce(partial, axis, inplace=True).wait()
+        else:
+            out_sizes = chunk_sizes(partial.shape[out_dim], axis.size)
+            y = reduce_scatter(partial, out_dim, out_sizes, axis).wait()
+        if bias is not None:  # once, after the reduction (y is the collective's own fresh output)
+            b = bias._local_tensor.detach()
+            if out_dim == y.dim() - 1:  # scattered over the features: our slice of the bias
+                b = b.narrow(0, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
+            y.add_(b)
+        ctx.save_for_backward(x, w)
+        ctx.params = (weight, bias)
+        ctx.layout = (axis, in_sizes, split_input, out_dim, out_sizes, x_dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        weight, bias = ctx.params
+        axis, in_sizes, split_input, out_dim, out_sizes, x_dtype = ctx.layout
+        if out_dim is not None:  # scattered output: every rank needs the whole gradient
+            g = all_gather(g, out_dim, out_sizes, axis).wait()
+        if g.dtype != w.dtype:
+            g = g.to(w.dtype)
+        pending = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.matmul(w).to(x_dtype)
+            if split_input:  # the input was replicated: assemble its full gradient
+                pending = all_gather(grad_x, -1, in_sizes, axis)
+        grad_w, grad_b = _matmul_grads(g, x, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if pending is not None:
+            grad_x = pending.wait()
+        return (grad_x, _grad_dtensor(grad_w, weight), _grad_dtensor(grad_b, bias), None, None, None, None)

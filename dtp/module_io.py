@@ -1,0 +1,128 @@
+"""PrepareModuleInput / PrepareModuleOutput / PrepareModuleInputOutput: declare the layouts of a module's inputs or
+outputs and redistribute them to the desired ones, with torch's semantics.
+
+A plain tensor is taken as this rank's local part of the declared layout (an even shard, as torch
+assumes); a DTensor is taken as it is, whatever it was declared, and redistributed from its actual
+layout to the desired one (a batch-sharded input is all-gathered, a Partial one reduced, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Placement, Shard
+
+from .style_base import ParallelStyle
+from .views import from_local, to_local
+
+__all__ = ["PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput", "prepare_value"]
+
+
+def _same(a: Placement, b: Placement, ndim: int) -> bool:
+    if isinstance(a, Shard) and isinstance(b, Shard):
+        return a.dim % max(ndim, 1) == b.dim % max(ndim, 1)
+    return a == b
+
+
+def _as_tuple(v):
+    return (v,) if isinstance(v, Placement) else (tuple(v) if v is not None else None)
+
+
+def prepare_value(value, mesh, declared: Placement | None, desired: Placement | None, use_local: bool, where: str):
+    """value as a DTensor (declared layout if plain), redistributed to `desired`; its local tensor if use_local."""
+    if declared is None:
+        return value
+    if isinstance(value, DTensor):
+        dt = value
+    elif isinstance(value, torch.Tensor):
+        shape = list(value.shape)
+        if isinstance(declared, Shard):  # a plain local shard is taken as an even one, as torch does
+            shape[declared.dim % value.dim()] *= mesh.size()
+        dt = from_local(value, mesh, declared, shape)
+    else:
+        raise TypeError(f"{where}: a layout {declared} is declared for an input that is a {type(value).__name__}")
+    if desired is not None and not _same(dt.placements[-1], desired, dt.dim()):
+        dt = dt.redistribute(mesh, [desired])
+    return to_local(dt) if use_local else dt
+
+
+def _prepare_all(values, declared, desired, mesh, use_local, where, what):
+    if len(values) != len(declared):
+        raise ValueError(f"{where}: the module got {len(values)} {what} but the style declares {len(declared)} "
+                         f"layouts ({declared})")
+    return tuple(prepare_value(v, mesh, d, w, use_local, where) for v, d, w in zip(values, declared, desired))
+
+
+class PrepareModuleInput(ParallelStyle):
+    """Declare the layouts of a module's inputs and redistribute them to the desired ones (DTensor's collectives)."""
+
+    def __init__(self, *, input_layouts=None, desired_input_layouts=None, input_kwarg_layouts=None,
+                 desired_input_kwarg_layouts=None, use_local_output: bool = False):
+        self.input_layouts = _as_tuple(input_layouts)
+        self.desired_input_layouts = _as_tuple(desired_input_layouts)
+        self.input_kwarg_layouts = dict(input_kwarg_layouts or {})
+        self.desired_input_kwarg_layouts = dict(desired_input_kwarg_layouts or {})
+        self.use_local_output = use_local_output
+        if (self.input_layouts is None) != (self.desired_input_layouts is None) or (
+                self.input_layouts is not None and len(self.input_layouts) != len(self.desired_input_layouts)):
+            raise ValueError(f"PrepareModuleInput: input_layouts {self.input_layouts} and desired_input_layouts "
+                             f"{self.desired_input_layouts} must have the same length")
+        if set(self.input_kwarg_layouts) != set(self.desired_input_kwarg_layouts):
+            raise ValueError("PrepareModuleInput: input_kwarg_layouts and desired_input_kwarg_layouts must name "
+                             "the same keyword arguments")
+
+    def prepare(self, module, args, kwargs):
+        """The forward pre-hook: the redistributed (args, kwargs)."""
+        mesh, where = module._dtp_mesh, f"PrepareModuleInput({module._dtp_path!r})"
+        if self.input_layouts is not None:
+            args = _prepare_all(args, self.input_layouts, self.desired_input_layouts, mesh, self.use_local_output,
+                                where, "positional inputs")
+        if self.input_kwarg_layouts:
+            kwargs = {k: prepare_value(v, mesh, self.input_kwarg_layouts.get(k), self.desired_input_kwarg_layouts.get(k),
+                                       self.use_local_output, where) for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _apply(self, module, mesh) -> None:
+        module.register_forward_pre_hook(lambda mod, args, kwargs: self.prepare(mod, args, kwargs), with_kwargs=True)
+
+
+class PrepareModuleOutput(ParallelStyle):
+    """Declare the layouts of a module's outputs and redistribute them to the desired ones (DTensor's collectives)."""
+
+    def __init__(self, *, output_layouts, desired_output_layouts, use_local_output: bool = True):
+        self.output_layouts = _as_tuple(output_layouts)
+        self.desired_output_layouts = _as_tuple(desired_output_layouts)
+        self.use_local_output = use_local_output
+        if len(self.output_layouts) != len(self.desired_output_layouts):
+            raise ValueError(f"PrepareModuleOutput: output_layouts {self.output_layouts} and desired_output_layouts "
+                             f"{self.desired_output_layouts} must have the same length")
+
+    def prepare(self, module, outputs):
+        """The forward hook: the redistributed output(s)."""
+        where = f"PrepareModuleOutput({module._dtp_path!r})"
+        single = not isinstance(outputs, tuple)
+        outs = _prepare_all((outputs,) if single else outputs, self.output_layouts, self.desired_output_layouts,
+                            module._dtp_mesh, self.use_local_output, where, "outputs")
+        return outs[0] if single else outs
+
+    def _apply(self, module, mesh) -> None:
+        module.register_forward_hook(lambda mod, args, out: self.prepare(mod, out))
+
+
+class PrepareModuleInputOutput(ParallelStyle):
+    """PrepareModuleInput and PrepareModuleOutput on one module (torch's names: use_local_input, use_local_output)."""
+
+    def __init__(self, *, input_layouts=None, desired_input_layouts=None, input_kwarg_layouts=None,
+                 desired_input_kwarg_layouts=None, use_local_input: bool = False, output_layouts,
+                 desired_output_layouts, use_local_output: bool = True):
+        self.prepare_module_input = PrepareModuleInput(
+            input_layouts=input_layouts, desired_input_layouts=desired_input_layouts,
+            input_kwarg_layouts=input_kwarg_layouts, desired_input_kwarg_layouts=desired_input_kwarg_layouts,
+            use_local_output=use_local_input)
+        self.prepare_module_output = PrepareModuleOutput(
+            output_layouts=output_layouts, desired_output_layouts=desired_output_layouts,
+            use_local_output=use_local_output)
+
+    def _apply(self, module, mesh) -> None:
+        self.prepare_module_input._apply(module, mesh)
+        self.prepare_module_output._apply(module, mesh)
+
