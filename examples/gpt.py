@@ -47,11 +47,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
 
     def forward(self, x):
-        batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them
-        q, k, v = (w(x).view(batch, seq, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (w(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
+        return self.wo(y.transpose(1, 2).flatten(-2))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,121 @@
+"""Hugging Face tp_plan strings: each string's meaning, parameter entries, and a real transformers LlamaForCausalLM
+(built from a tiny config, no download) parallelized with `dtp.parallelize_module(model, mesh, model.tp_plan)`."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+import dtp
+from dtp.hf_plans import HF_STYLES, hf_parameter_placement
+
+from .reference import assert_close
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def test_every_string_means_what_transformers_registers():
+    expected = {
+        "colwise": dtp.ColwiseParallel(), "colwise_rep": dtp.ColwiseParallel(output_layouts=Replicate()),
+        "colwise_gather_output": dtp.ColwiseParallel(output_layouts=Replicate()),
+        "rowwise": dtp.RowwiseParallel(), "rowwise_rep": dtp.RowwiseParallel(input_layouts=Replicate()),
+        "rowwise_split_input": dtp.RowwiseParallel(input_layouts=Replicate()),
+        "embedding_rowwise": dtp.VocabParallel(), "embedding_colwise": dtp.ColwiseParallel(output_layouts=Replicate()),
+        "sequence_parallel": dtp.SequenceParallel(use_local_output=True), "replicate": dtp.ReplicateParallel(),
+        "local_params": dtp.ReplicateParallel(), "replicated_with_grad_allreduce": dtp.ReplicateParallel(grad_all_reduce=True),
+        "all_reduce": dtp.PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate()),
+    }
+    assert {name: make() for name, make in HF_STYLES.items()} == expected
+    assert hf_parameter_placement("colwise", "attn.sinks", 1, "") == Shard(0)
+    assert hf_parameter_placement("colwise", "experts.w", 3, "") == Shard(1)
+    assert hf_parameter_placement("rowwise", "o_proj.bias", 1, "") == Replicate()
+    assert hf_parameter_placement("rowwise", "o_proj.weight", 2, "") == Shard(1)
+    assert hf_parameter_placement("embedding_colwise", "e.weight", 2, "") == Shard(1)
+
+
+class SinkAttention(nn.Module):
+    """gpt-oss / granite-swa style: per-head learnable sinks next to q and o projections (plan: sinks colwise,
+    the module local_params), plus a Qwen3-style per-head norm (replicated_with_grad_allreduce)."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q_proj, self.o_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(self.head_dim)
+        self.sinks = nn.Parameter(torch.randn(heads))
+
+    def forward(self, x):
+        q = self.q_norm(self.q_proj(x).unflatten(-1, (-1, self.head_dim)))  # (b, s, local heads, head_dim)
+        gate = torch.sigmoid(q.sum(-1) + self.sinks)  # one sink per (local) head
+        return self.o_proj((q * gate.unsqueeze(-1)).flatten(-2))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(30, 16)
+        self.self_attn = SinkAttention()
+        self.shared = nn.Linear(16, 16, bias=False)
+        self.lm_head = nn.Linear(16, 30, bias=False)
+
+    def forward(self, ids):
+        h = self.embed_tokens(ids)
+        h = h + self.self_attn(h)
+        return self.lm_head(h + self.shared(h))
+
+
+def case_hf_strings_on_a_model():
+    torch.manual_seed(0)
+    single = Tiny()
+    model = copy.deepcopy(single)
+    plan = {"embed_tokens": "embedding_rowwise", "self_attn.q_proj": "colwise", "self_attn.sinks": "colwise",
+            "self_attn.q_norm": "replicated_with_grad_allreduce", "self_attn": "local_params",
+            "self_attn.o_proj": "rowwise", "lm_head": "colwise_gather_output", "shared": "replicate",
+            "no_such_module": "colwise"}
+    with pytest.warns(UserWarning, match="'no_such_module'"):  # as transformers: unused rules only warn
+        dtp.parallelize_module(model, dtp.default_mesh(), plan)
+    assert model.self_attn.sinks.placements == (Shard(0),)
+    assert model.self_attn.q_norm.weight.placements == (Replicate(),)
+    ids = torch.randint(0, 30, (2, 5))
+    logits = model(ids)
+    assert not isinstance(logits, DTensor)
+    assert_close(logits, single(ids), "logits")
+    F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    F.cross_entropy(single(ids).flatten(0, 1), ids.flatten()).backward()
+    for (name, p), ref in zip(model.named_parameters(), single.parameters()):
+        assert_close(full(p.grad), ref.grad, f"grad of {name}")
+
+
+def test_hf_strings_and_parameter_entries(pools):
+    pools.run(2, case_hf_strings_on_a_model)
+
+
+def case_transformers_llama(world_shape):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=world_shape, max_position_embeddings=32)
+    single = transformers.LlamaForCausalLM(cfg).eval()
+    model = copy.deepcopy(single)
+    dtp.parallelize_module(model, dtp.default_mesh(), model.tp_plan)  # the whole recipe
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    out, ref = model(input_ids=ids, labels=ids), single(input_ids=ids, labels=ids)
+    assert_close(out.logits, ref.logits, "logits")
+    assert_close(out.loss, ref.loss, "loss")
+    out.loss.backward()
+    ref.loss.backward()
+    for (name, p), r in zip(model.named_parameters(), single.parameters()):
+        assert_close(full(p.grad), r.grad, f"grad of {name}", scale=3.0)
+    return sorted({str(p.placements) for p in model.parameters()})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_transformers_llama_with_its_own_tp_plan(pools, world):
+    pytest.importorskip("transformers")
+    placements = pools.run(world, case_transformers_llama, world)[0]
+    assert placements == ["(Replicate(),)", "(Shard(dim=0),)", "(Shard(dim=1),)"]

@@ -1,0 +1,102 @@
+"""nn.Linear / nn.Embedding subclasses with a forward of their own (LoRA adapters) keep it under a plan, as in torch."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed.tensor.parallel as torch_tp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import dtp
+
+from .reference import assert_close
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class LoRALinear(nn.Linear):
+    """y = x Wᵀ + b + (x Aᵀ) Bᵀ with a frozen base weight W and trainable A (r x in), B (out x r)."""
+
+    def __init__(self, in_features, out_features, r=2):
+        super().__init__(in_features, out_features)
+        self.weight.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(r, in_features) * 0.1)
+        self.B = nn.Parameter(torch.randn(out_features, r) * 0.1)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.A), self.B)
+
+
+class NestedLoRALinear(nn.Linear):
+    """peft-style: the adapter as two child nn.Linear modules (torch's ColwiseParallel cannot split this one)."""
+
+    def __init__(self, in_features, out_features, r=2):
+        super().__init__(in_features, out_features)
+        self.weight.requires_grad_(False)
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x))
+
+
+class ScaledEmbedding(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+def mlp(cls):
+    return nn.Sequential(ScaledEmbedding(20, 8), cls(8, 12), nn.ReLU(), cls(12, 8))
+
+
+def plan(styles):
+    return {"0": styles.RowwiseParallel(input_layouts=torch.distributed.tensor.Replicate()),
+            "1": styles.ColwiseParallel(), "3": styles.RowwiseParallel()}
+
+
+def step(model, ids):
+    y = model(ids)
+    y.pow(2).mean().backward()
+    return full(y)
+
+
+def case_lora(kind):
+    torch.manual_seed(0)
+    cls = LoRALinear if kind == "direct" else NestedLoRALinear
+    single = mlp(cls)
+    mesh = dtp.default_mesh()
+    ours = dtp.parallelize_module(copy.deepcopy(single), mesh, plan(dtp))
+    ids = torch.randint(0, 20, (3, 5))
+    y = step(ours, ids)
+    assert_close(y, step(single, ids), "output")
+    trainable = {n for n, p in single.named_parameters() if p.requires_grad}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == trainable, "frozen stay frozen"
+    for (name, p), ref in zip(ours.named_parameters(), single.parameters()):
+        assert (p.grad is None) == (ref.grad is None), name
+        if ref.grad is not None:
+            assert_close(full(p.grad), ref.grad, f"grad of {name}")
+    if kind == "direct":  # torch splits this one too: the same values and the same placements
+        theirs = torch_tp.parallelize_module(copy.deepcopy(single), mesh, plan(torch_tp))
+        assert_close(step(theirs, ids), y, "dtp vs torch output")
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert p.placements == q.placements, name
+            if q.grad is not None:
+                assert_close(full(p.grad), full(q.grad), f"dtp vs torch grad of {name}")
+
+
+@pytest.mark.parametrize("kind", ["direct", "nested"])
+def test_lora_subclass_keeps_its_forward(pools, kind):
+    pools.run(2, case_lora, kind)
+
+
+def test_from_linear_refuses_a_subclass_forward(pools):
+    pools.run(2, _from_linear_refuses)
+
+
+def _from_linear_refuses():
+    with pytest.raises(TypeError, match="LoRALinear has its own forward"):
+        dtp.ColumnParallelLinear.from_linear(LoRALinear(4, 4))
