@@ -14,6 +14,7 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,8 @@ SHAPES = {  # rounds: enough that a milliseconds-long step still gets hundreds o
     "small": dict(kind="mlp", dim=64, hidden=256, batch=8, rounds=150),
     "medium": dict(kind="mlp", dim=1024, hidden=4096, batch=32, rounds=25),
     "block": dict(kind="block", dim=256, hidden=1024, heads=8, batch=4, seq=64, rounds=25),
+    "llama": dict(kind="llama", dim=256, heads=8, kv_heads=4, batch=4, seq=64, sp=False, rounds=25),
+    "llama-sp": dict(kind="llama", dim=256, heads=8, kv_heads=4, batch=4, seq=64, sp=True, rounds=25),
 }
 VARIANTS = ("dtp", "torch", "hand", "single")
 
@@ -47,32 +50,57 @@ def _block_plan(styles):
             "mlp.up": styles.ColwiseParallel(), "mlp.down": styles.RowwiseParallel()}
 
 
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def _llama_variants(shape: dict, device: torch.device, mesh):
+    """A one-block torchtitan Llama through apply_tp's two calls (root, then the block): dtp and torch."""
+    import dtp
+    from examples.llama import Llama, LlamaConfig, apply_tp
+
+    cfg = LlamaConfig(vocab_size=256, dim=shape["dim"], n_layers=1, n_heads=shape["heads"], n_kv_heads=shape["kv_heads"])
+    single = Llama(cfg).to(device)
+    x = torch.randint(0, cfg.vocab_size, (shape["batch"], shape["seq"]), device=device)
+    tp = dict(loss_parallel=False, enable_sp=shape["sp"])
+    (ours, plan_dtp), (theirs, plan_torch) = (
+        _timed(lambda: apply_tp(copy.deepcopy(single), mesh, styles=dtp, **tp)),
+        _timed(lambda: apply_tp(copy.deepcopy(single), mesh, styles=torch_tp, **tp)))
+    _, plan_local = _timed(lambda: apply_tp(copy.deepcopy(single), mesh, styles=dtp, **tp,
+                                            parallelize_module=partial(dtp.parallelize_module, src_data_rank=None)))
+    plan_ms = {"dtp": plan_dtp, "dtp_local": plan_local, "torch": plan_torch}
+    return x, {"dtp": ours, "torch": theirs, "single": single}, plan_ms
+
+
 def _models(shape: dict, device: torch.device):
-    """(single-process model, input batch, {variant: model}) for one shape, all from one seed."""
+    """(input batch, {variant: model}, {variant: ms to parallelize}) for one shape, all from one seed."""
     import dtp
 
     torch.manual_seed(0)
+    mesh = default_mesh()
+    sys.path.insert(0, __file__.rsplit("/dtp/", 1)[0])
+    if shape["kind"] == "llama":
+        return _llama_variants(shape, device, mesh)
     if shape["kind"] == "mlp":
         single = nn.Sequential(nn.Linear(shape["dim"], shape["hidden"]), nn.GELU(),
                                nn.Linear(shape["hidden"], shape["dim"])).to(device)
         x = torch.randn(shape["batch"], shape["dim"], device=device)
         plan, hand = _mlp_plan, HandMLP
     else:
-        sys.path.insert(0, __file__.rsplit("/dtp/", 1)[0])
         from examples.gpt import Block, GPTConfig
 
         cfg = GPTConfig(dim=shape["dim"], n_heads=shape["heads"], hidden=shape["hidden"])
         single = Block(cfg).to(device)
         x = torch.randn(shape["batch"], shape["seq"], shape["dim"], device=device)
         plan, hand = _block_plan, HandBlock
-    mesh = default_mesh()
-    variants = {
-        "dtp": parallelize_module(copy.deepcopy(single), mesh, plan(dtp)),
-        "torch": torch_tp.parallelize_module(copy.deepcopy(single), mesh, plan(torch_tp)),
-        "hand": hand(copy.deepcopy(single)),
-        "single": single,
-    }
-    return x, variants
+    (ours, plan_dtp), (theirs, plan_torch) = (
+        _timed(lambda: parallelize_module(copy.deepcopy(single), mesh, plan(dtp))),
+        _timed(lambda: torch_tp.parallelize_module(copy.deepcopy(single), mesh, plan(torch_tp))))
+    _, plan_local = _timed(lambda: parallelize_module(copy.deepcopy(single), mesh, plan(dtp), src_data_rank=None))
+    variants = {"dtp": ours, "torch": theirs, "hand": hand(copy.deepcopy(single)), "single": single}
+    return x, variants, {"dtp": plan_dtp, "dtp_local": plan_local, "torch": plan_torch}
 
 
 def _step(model, x, opt):
@@ -99,7 +127,7 @@ def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optim
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     shape = SHAPES[shape_name]
     rounds = rounds or shape["rounds"]
-    x, variants = _models(shape, device)
+    x, variants, plan_ms = _models(shape, device)
     opts = {name: (torch.optim.AdamW(m.parameters(), lr=1e-4) if optimizer else None) for name, m in variants.items()}
     times = {name: [] for name in variants}
     rank0 = dist.get_rank() == 0
@@ -124,7 +152,7 @@ def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optim
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, CPU
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
-    return {"median": {n: statistics.median(t) for n, t in times.items()},
+    return {"median": {n: statistics.median(t) for n, t in times.items()}, "plan_ms": plan_ms,
             "spread": {n: (min(t), max(t)) for n, t in times.items()},
             "param_mib": {n: b / 2**20 for n, b in params.items()}, "peak_mib": peak}
 
@@ -136,23 +164,28 @@ def _local_bytes(p) -> int:
 
 def _row(shape: str, world: int, backend: str, r: dict) -> dict:
     med = r["median"]
+    hand = med.get("hand")
     return {"shape": shape, "world_size": world, "backend": backend, **{f"{k}_ms": round(v, 3) for k, v in med.items()},
             **{f"{k}_spread_ms": [round(a, 3), round(b, 3)] for k, (a, b) in r["spread"].items()},
-            "dtp_over_torch": round(med["dtp"] / med["torch"], 3), "dtp_over_hand": round(med["dtp"] / med["hand"], 3),
+            "dtp_over_torch": round(med["dtp"] / med["torch"], 3),
+            "dtp_over_hand": round(med["dtp"] / hand, 3) if hand else None,
             "speedup_vs_single": round(med["single"] / med["dtp"], 3),
+            **{f"plan_{k}_ms": round(v, 1) for k, v in r["plan_ms"].items()},
             "dtp_param_mib_per_rank": round(r["param_mib"]["dtp"], 3),
             "single_param_mib": round(r["param_mib"]["single"], 3), "peak_mib_per_rank": round(r["peak_mib"], 1)}
 
 
 def _table(rows) -> str:
     head = ("| shape | ws | dtp ms | torch ms | hand ms | single ms | dtp/torch | dtp/hand | speed-up vs 1 | "
-            "params MiB/rank (1 proc) | peak MiB/rank |")
-    lines = [head, "|" + "---|" * 11]
+            "plan ms dtp (src=None) / torch | params MiB/rank (1 proc) | peak MiB/rank |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['world_size']} | {r['dtp_ms']:.3f} | {r['torch_ms']:.3f} | "
-                     f"{r['hand_ms']:.3f} | {r['single_ms']:.3f} | {r['dtp_over_torch']:.2f} | {r['dtp_over_hand']:.2f} | "
-                     f"{r['speedup_vs_single']:.2f}x | {r['dtp_param_mib_per_rank']:.2f} ({r['single_param_mib']:.2f}) | "
-                     f"{r['peak_mib_per_rank']:.0f} |")
+        hand = f"{r['hand_ms']:.3f}" if r.get("hand_ms") else "-"
+        ratio = f"{r['dtp_over_hand']:.2f}" if r["dtp_over_hand"] else "-"
+        lines.append(f"| {r['shape']} | {r['world_size']} | {r['dtp_ms']:.3f} | {r['torch_ms']:.3f} | {hand} | "
+                     f"{r['single_ms']:.3f} | {r['dtp_over_torch']:.2f} | {ratio} | {r['speedup_vs_single']:.2f}x | "
+                     f"{r['plan_dtp_ms']:.1f} ({r['plan_dtp_local_ms']:.1f}) / {r['plan_torch_ms']:.1f} | "
+                     f"{r['dtp_param_mib_per_rank']:.2f} ({r['single_param_mib']:.2f}) | {r['peak_mib_per_rank']:.0f} |")
     return "\n".join(lines)
 
 

@@ -9,10 +9,11 @@ layout to the desired one (a batch-sharded input is all-gathered, a Partial one 
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, Placement, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from .collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
 from .style_base import ParallelStyle
-from .views import from_local, to_local
+from .views import from_local, spec_of, to_local
 
 __all__ = ["PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput", "prepare_value"]
 
@@ -27,10 +28,49 @@ def _as_tuple(v):
     return (v,) if isinstance(v, Placement) else (tuple(v) if v is not None else None)
 
 
+class _GatherSequence(torch.autograd.Function):
+    """This rank's shard along dim -> the replicated DTensor: fwd one all-gather; bwd one reduce-scatter of a Partial
+    gradient (the column layers' shares of dX), or this rank's slice of a replicated one."""
+
+    @staticmethod
+    def forward(ctx, local, dim, sizes, axis, spec):
+        ctx.layout = (dim, sizes, axis)
+        return DTensor.__new__(DTensor, all_gather(local, dim, sizes, axis).wait(), spec, requires_grad=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        dim, sizes, axis = ctx.layout
+        if isinstance(g, DTensor) and g.placements == (Partial(),):
+            return reduce_scatter(g._local_tensor, dim, sizes, axis).wait(), None, None, None, None
+        if isinstance(g, DTensor) and g.placements != (Replicate(),):
+            g = g.redistribute(g.device_mesh, [Replicate()])
+        g = g._local_tensor if isinstance(g, DTensor) else g
+        total = sum(sizes)
+        return g.narrow(dim, chunk_offset(total, axis.size, axis.rank), sizes[axis.rank]), None, None, None, None
+
+
+def _gather_sequence(value, mesh, dim: int):
+    """The fused Shard(dim) -> Replicate of sequence parallelism (plain local shard or DTensor)."""
+    if isinstance(value, DTensor):
+        local, total = to_local(value), value.shape[dim]
+    else:
+        local, total = value, value.shape[dim] * mesh.size()  # a plain shard is an even one, as torch assumes
+    axis = axis_of(mesh)
+    shape = list(local.shape)
+    shape[dim] = total
+    return _GatherSequence.apply(local, dim, chunk_sizes(total, axis.size), axis, spec_of(mesh, Replicate(), shape,
+                                                                                          local.dtype))
+
+
 def prepare_value(value, mesh, declared: Placement | None, desired: Placement | None, use_local: bool, where: str):
     """value as a DTensor (declared layout if plain), redistributed to `desired`; its local tensor if use_local."""
     if declared is None:
         return value
+    actual = value.placements[-1] if isinstance(value, DTensor) and value.device_mesh.ndim == 1 else declared
+    if (isinstance(actual, Shard) and isinstance(desired, Replicate) and isinstance(value, torch.Tensor)
+            and mesh.ndim == 1 and (not isinstance(value, DTensor) or value.device_mesh == mesh)):
+        dt = _gather_sequence(value, mesh, actual.dim % value.dim())
+        return to_local(dt) if use_local else dt
     if isinstance(value, DTensor):
         dt = value
     elif isinstance(value, torch.Tensor):

@@ -17,10 +17,11 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from .collectives import all_reduce, axis_of
 from .params import contiguous_stride
 
-__all__ = ["to_local", "from_local"]
+__all__ = ["to_local", "from_local", "spec_of"]
 
 
-def _spec(mesh: DeviceMesh, placement: Placement, shape, dtype) -> DTensorSpec:
+def spec_of(mesh: DeviceMesh, placement: Placement, shape, dtype) -> DTensorSpec:
+    """The DTensor spec of a contiguous tensor of global `shape` laid out as `placement` on a 1-D mesh."""
     shape = torch.Size(shape)
     return DTensorSpec(mesh, (placement,), TensorMeta(shape, contiguous_stride(shape), dtype))
 
@@ -67,4 +68,4 @@ def to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tenso
 def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
     """A DTensor over this rank's local tensor (no communication); backward returns the local gradient, reducing
     a Partial one to the Replicate placement declared here (one all-reduce)."""
-    return _FromLocal.apply(local, _spec(mesh, placement, global_shape, local.dtype), axis_of(mesh))
+    return _FromLocal.apply(local, spec_of(mesh, placement, global_shape, local.dtype), axis_of(mesh))

@@ -160,7 +160,8 @@ def case_frozen_parameters():
                                          {"0": torch_tp.ColwiseParallel(), "2": torch_tp.RowwiseParallel()})
     frozen = {n for n, p in single.named_parameters() if not p.requires_grad}
     assert {n for n, p in ours.named_parameters() if not p.requires_grad} == frozen
-    assert {n for n, p in theirs.named_parameters() if not p.requires_grad} == frozen
+    # torch 2.13 keeps them frozen too; torch 2.7's Colwise/Rowwise unfreeze the weights they split
+    assert {n for n, p in theirs.named_parameters() if not p.requires_grad} <= frozen
     x = torch.randn(3, 4)
     ours(x).sum().backward()
     single(x).sum().backward()

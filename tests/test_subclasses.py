@@ -84,7 +84,7 @@ def case_lora(kind):
         assert_close(step(theirs, ids), y, "dtp vs torch output")
         for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
             assert p.placements == q.placements, name
-            if q.grad is not None:
+            if p.grad is not None:  # (torch 2.7's styles unfreeze the base weight: it then has a gradient there)
                 assert_close(full(p.grad), full(q.grad), f"dtp vs torch grad of {name}")
 
 
