@@ -22,7 +22,7 @@ import torch.distributed.tensor.parallel as torch_tp
 from torch import nn
 from torch.distributed.tensor import Replicate
 
-from .bench_reference import HandBlock, HandMLP
+from .bench_reference import HandBlock, HandLlama, HandMLP
 from .mesh import default_mesh
 from .parallelize import parallelize_module
 from .testing import run_on_ranks
@@ -71,7 +71,10 @@ def _llama_variants(shape: dict, device: torch.device, mesh):
     _, plan_local = _timed(lambda: apply_tp(copy.deepcopy(single), mesh, styles=dtp, **tp,
                                             parallelize_module=partial(dtp.parallelize_module, src_data_rank=None)))
     plan_ms = {"dtp": plan_dtp, "dtp_local": plan_local, "torch": plan_torch}
-    return x, {"dtp": ours, "torch": theirs, "single": single}, plan_ms
+    variants = {"dtp": ours, "torch": theirs, "single": single}
+    if not shape["sp"]:
+        variants["hand"] = HandLlama(copy.deepcopy(single))
+    return x, variants, plan_ms
 
 
 def _models(shape: dict, device: torch.device):

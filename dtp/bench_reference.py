@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HandMLP", "HandBlock"]
+__all__ = ["HandMLP", "HandBlock", "HandLlama"]
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -38,6 +38,22 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """forward all-gather of the last dim, backward keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return g.chunk(world, dim=-1)[rank], None
 
 
 def _slice(t: torch.Tensor, dim: int, rank: int, world: int) -> nn.Parameter:
@@ -87,3 +103,49 @@ class HandBlock(nn.Module):
         h = _CopyToTP.apply(self.norm2(x), self.group)
         h = F.gelu(F.linear(h, self.up, self.up_b))
         return x + _ReduceFromTP.apply(F.linear(h, self.down), self.group) + self.down_b
+
+
+class HandLlama(nn.Module):
+    """examples.llama.Llama (no sequence parallel) split Megatron-style: vocab-parallel embedding, heads and SwiGLU
+    hidden over ranks, column-parallel lm-head gathered; even sizes only."""
+
+    def __init__(self, model: nn.Module, group=None):
+        super().__init__()
+        from examples.llama import apply_rotary_emb, repeat_kv
+
+        self._rope, self._repeat = apply_rotary_emb, repeat_kv
+        self.group = group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        vocab = model.tok_embeddings.weight.shape[0]
+        self.rows, self.start = vocab // world, rank * (vocab // world)
+        self.emb = _slice(model.tok_embeddings.weight, 0, rank, world)
+        self.blocks = []
+        for i, block in enumerate(model.layers.values()):
+            att, ffn = block.attention, block.feed_forward
+            for name, lin, dim in (("wq", att.wq, 0), ("wk", att.wk, 0), ("wv", att.wv, 0), ("wo", att.wo, 1),
+                                   ("w1", ffn.w1, 0), ("w3", ffn.w3, 0), ("w2", ffn.w2, 1)):
+                setattr(self, f"{name}_{i}", _slice(lin.weight, dim, rank, world))
+            self.add_module(f"attention_norm_{i}", block.attention_norm)
+            self.add_module(f"ffn_norm_{i}", block.ffn_norm)
+            self.blocks.append((i, att.head_dim, att.n_rep))
+        self.norm, self.out = model.norm, _slice(model.output.weight, 0, rank, world)
+        self.register_buffer("freqs_cis", model.freqs_cis, persistent=False)
+
+    def forward(self, ids):
+        b, s = ids.shape
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        h = F.embedding(local.masked_fill(outside, 0), self.emb).masked_fill(outside.unsqueeze(-1), 0)
+        h = _ReduceFromTP.apply(h, self.group)
+        for i, head_dim, n_rep in self.blocks:
+            w = lambda name: getattr(self, f"{name}_{i}")  # noqa: E731
+            x = _CopyToTP.apply(getattr(self, f"attention_norm_{i}")(h), self.group)
+            q, k, v = (F.linear(x, w(n)).view(b, s, -1, head_dim) for n in ("wq", "wk", "wv"))
+            q, k = self._rope(q, k, self.freqs_cis[:s])
+            k, v = self._repeat(k, n_rep), self._repeat(v, n_rep)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            h = h + _ReduceFromTP.apply(F.linear(y.transpose(1, 2).reshape(b, s, -1), w("wo")), self.group)
+            x = _CopyToTP.apply(getattr(self, f"ffn_norm_{i}")(h), self.group)
+            h = h + _ReduceFromTP.apply(F.linear(F.silu(F.linear(x, w("w1"))) * F.linear(x, w("w3")), w("w2")), self.group)
+        x = _CopyToTP.apply(self.norm(h), self.group)
+        return _GatherFromTP.apply(F.linear(x, self.out), self.group)

@@ -95,9 +95,6 @@ class _Predictor:
             self.linear(path, module, style, tp, first)
         elif name in ("ColwiseParallel", "RowwiseParallel", "VocabParallel"):
             self.embedding(path, module, style, tp)
-        elif name == "SequenceParallel":
-            for p in module.parameters():
-                self.emit("backward", "all_reduce", p.numel(), path, dtype=p.dtype)
         elif name == "PrepareModuleInput":
             self.prepare_input(path, module, style, tp, first)
         if any(True for _ in module.parameters(recurse=False)):

@@ -24,6 +24,10 @@ def _same(a: Placement, b: Placement, ndim: int) -> bool:
     return a == b
 
 
+class LayoutLengthError(ValueError, AssertionError):
+    """Layouts of different lengths (torch raises AssertionError in the constructor, ValueError at run time)."""
+
+
 def _as_tuple(v):
     return (v,) if isinstance(v, Placement) else (tuple(v) if v is not None else None)
 
@@ -85,10 +89,10 @@ def prepare_value(value, mesh, declared: Placement | None, desired: Placement | 
     return to_local(dt) if use_local else dt
 
 
-def _prepare_all(values, declared, desired, mesh, use_local, where, what):
+def _prepare_all(values, declared, desired, mesh, use_local, where, what, kind):
     if len(values) != len(declared):
-        raise ValueError(f"{where}: the module got {len(values)} {what} but the style declares {len(declared)} "
-                         f"layouts ({declared})")
+        raise ValueError(f"{where}: module {what} and {kind}_layouts should have same length! The module got "
+                         f"{len(values)} {what} but the style declares {len(declared)} layouts ({declared})")
     return tuple(prepare_value(v, mesh, d, w, use_local, where) for v, d, w in zip(values, declared, desired))
 
 
@@ -104,8 +108,8 @@ class PrepareModuleInput(ParallelStyle):
         self.use_local_output = use_local_output
         if (self.input_layouts is None) != (self.desired_input_layouts is None) or (
                 self.input_layouts is not None and len(self.input_layouts) != len(self.desired_input_layouts)):
-            raise ValueError(f"PrepareModuleInput: input_layouts {self.input_layouts} and desired_input_layouts "
-                             f"{self.desired_input_layouts} must have the same length")
+            raise LayoutLengthError(f"PrepareModuleInput: input_layouts and desired_input_layouts should have same "
+                                    f"length! Got {self.input_layouts} and {self.desired_input_layouts}")
         if set(self.input_kwarg_layouts) != set(self.desired_input_kwarg_layouts):
             raise ValueError("PrepareModuleInput: input_kwarg_layouts and desired_input_kwarg_layouts must name "
                              "the same keyword arguments")
@@ -115,7 +119,7 @@ class PrepareModuleInput(ParallelStyle):
         mesh, where = module._dtp_mesh, f"PrepareModuleInput({module._dtp_path!r})"
         if self.input_layouts is not None:
             args = _prepare_all(args, self.input_layouts, self.desired_input_layouts, mesh, self.use_local_output,
-                                where, "positional inputs")
+                                where, "inputs", "input")
         if self.input_kwarg_layouts:
             kwargs = {k: prepare_value(v, mesh, self.input_kwarg_layouts.get(k), self.desired_input_kwarg_layouts.get(k),
                                        self.use_local_output, where) for k, v in kwargs.items()}
@@ -133,15 +137,15 @@ class PrepareModuleOutput(ParallelStyle):
         self.desired_output_layouts = _as_tuple(desired_output_layouts)
         self.use_local_output = use_local_output
         if len(self.output_layouts) != len(self.desired_output_layouts):
-            raise ValueError(f"PrepareModuleOutput: output_layouts {self.output_layouts} and desired_output_layouts "
-                             f"{self.desired_output_layouts} must have the same length")
+            raise LayoutLengthError(f"PrepareModuleOutput: output_layouts and desired_output_layouts should have "
+                                    f"same length! Got {self.output_layouts} and {self.desired_output_layouts}")
 
     def prepare(self, module, outputs):
         """The forward hook: the redistributed output(s)."""
         where = f"PrepareModuleOutput({module._dtp_path!r})"
         single = not isinstance(outputs, tuple)
         outs = _prepare_all((outputs,) if single else outputs, self.output_layouts, self.desired_output_layouts,
-                            module._dtp_mesh, self.use_local_output, where, "outputs")
+                            module._dtp_mesh, self.use_local_output, where, "outputs", "output")
         return outs[0] if single else outs
 
     def _apply(self, module, mesh) -> None:

@@ -4,7 +4,7 @@ Plan values are dtp styles, torch.distributed.tensor.parallel style objects or H
 strings.  Patterns match module paths one dot-separated segment at a time with fnmatch (`*` never
 crosses a dot); "" is the module itself; a Hugging Face string may also name a parameter.  Every
 check runs on every rank before anything changes and before any collective: an entry that matches
-nothing (a Hugging Face one only warns, as transformers does), a path two entries match, a style on a
+nothing (a warning, as in torch and transformers; an error with strict=True), a path two entries match, a style on a
 module it does not fit or that another style already split, a head that would be cut.  A plan may
 be applied in several calls (root, then each block, or the other way round); applying the same
 style to a module again changes nothing.
@@ -60,7 +60,8 @@ def _check_heads(model: nn.Module, path: str, style, target: nn.Module, tp: int,
         check_whole_heads(parent, parent_path, features, tp, where)
 
 
-def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | None = None) -> dict:
+def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | None = None, *,
+                 strict: bool = False) -> dict:
     """{module or parameter path: style} the plan would apply, after every check parallelize_module makes (changes nothing)."""
     mesh = tp_submesh(device_mesh, "parallelize_module")
     if isinstance(parallelize_plan, ParallelStyle) or is_torch_style(parallelize_plan):
@@ -76,12 +77,12 @@ def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | 
         hits = [p for p in paths if _matches(pattern, p)]
         param_hits = [] if hits else [p for p in params if _matches(pattern, p)]
         if not hits and not param_hits:
-            sample = ", ".join(repr(p) for p in paths[1:8])
-            if isinstance(value, str):  # transformers only warns about rules a model does not use
-                _as_style(value, entry)
-                warnings.warn(f"{entry} ({value!r}) matches no module or parameter; it is skipped", stacklevel=3)
-                continue
-            raise ValueError(f"{entry} matches no module; module paths include {sample}")
+            _as_style(value, entry)  # still a value dtp understands
+            message = f"{entry} matches no module; module paths include {', '.join(repr(p) for p in paths[1:8])}"
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message + "; the entry is skipped (strict=True makes this an error)", stacklevel=3)
+            continue
         if param_hits and not isinstance(value, str):
             raise ValueError(f"{entry} names parameters ({param_hits[:3]}); styles apply to modules (only a Hugging "
                              f"Face plan string may name a parameter)")
@@ -109,12 +110,13 @@ def _check_parameter(param, style: ShardParameter, mesh: DeviceMesh, where: str)
 
 
 def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None, parallelize_plan=None, *,
-                       src_data_rank: int | None = 0, replicate_rest: bool = True) -> nn.Module:
+                       src_data_rank: int | None = 0, replicate_rest: bool = True, strict: bool = False) -> nn.Module:
     """Split module in place by a plan {path pattern: style} on the mesh's tp axis; one broadcast per parameter from mesh rank
     src_data_rank (as torch: every rank ends with that rank's values), or none with src_data_rank=None (local slices).
 
     With replicate_rest (the default) the parameters no style touched become replicated DTensors
-    (their modules still compute on local tensors), so the whole model is DTensor parameters.
+    (their modules still compute on local tensors), so the whole model is DTensor parameters.  An entry
+    that matches nothing warns and is skipped, as in torch; strict=True makes it an error.
     """
     mesh = tp_submesh(device_mesh, "parallelize_module")
     if src_data_rank is not None and not (isinstance(src_data_rank, int) and 0 <= src_data_rank < mesh.size()):
@@ -123,7 +125,7 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
     if not parallelize_plan:
         warnings.warn("parallelize_module: the plan is empty, so this call does nothing", stacklevel=2)
         return module
-    plan = explain_plan(module, parallelize_plan, mesh)
+    plan = explain_plan(module, parallelize_plan, mesh, strict=strict)
     todo = {path: style for path, style in plan.items()
             if isinstance(style, ShardParameter) or not style.is_applied(module.get_submodule(path), mesh)}
     if src_data_rank is not None:  # every tensor this call turns into a DTensor takes src's values

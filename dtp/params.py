@@ -82,7 +82,8 @@ def shard_parameter(full: torch.Tensor, mesh: DeviceMesh, placement: Placement, 
     # grad tracking): the parameter's local tensor is a plain leaf, so it can be handed to DDP.
     shape = torch.Size(full.shape)
     spec = DTensorSpec(mesh, (placement,), TensorMeta(shape, contiguous_stride(shape), full.dtype))
-    return nn.Parameter(DTensor(local, spec, requires_grad=requires_grad), requires_grad=requires_grad)
+    # DTensor.__new__ alone: DTensor.__init__ is only a dynamo-disabling wrapper, whose first call imports dynamo (~1.5 s)
+    return nn.Parameter(DTensor.__new__(DTensor, local, spec, requires_grad=requires_grad), requires_grad=requires_grad)
 
 
 @torch.no_grad()

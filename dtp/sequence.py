@@ -1,8 +1,10 @@
 """Sequence parallelism: run a module (norm, dropout, ...) on this rank's slice of the sequence.
 
 The module's parameters become replicated DTensors; during forward they are swapped for their
-local tensors, whose gradients are all-reduced (each rank saw only its tokens: the classic bug
-this prevents is a norm weight gradient summed over one rank's tokens only).
+local tensors, whose gradients come back as Partial DTensors, as torch's SequenceParallel leaves
+them: each rank saw only its tokens, and the sum over ranks happens where the gradient is read
+(DTensor's optimizer ops, clip_grad_norm_, FSDP2's reduction, full_tensor), so a norm weight is
+never updated from one rank's tokens alone.
 """
 
 from __future__ import annotations
@@ -10,13 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Partial, Shard
 
-from .collectives import AxisGroup, axis_of
 from .functional import wrap_output
 from .replicated_params import local_parameters
 from .views import to_local
-from .regions import replicated_local
 
 __all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forward"]
 
@@ -36,9 +36,11 @@ def sequence_shard_of(x, mesh: DeviceMesh, seq_dim: int, what: str):
     return x, tuple(shape)
 
 
-def run_on_sequence_shard(module: nn.Module, x_local: torch.Tensor, args, kwargs, axis: AxisGroup):
-    """module's own forward on local tensors, its replicated parameters read through replicated_local."""
-    with local_parameters(module, lambda p: replicated_local(p, axis)):
+def run_on_sequence_shard(module: nn.Module, x_local: torch.Tensor, args, kwargs):
+    """module's own forward on local tensors; its replicated parameters' gradients come back Partial (each rank's
+    share from its own tokens), as torch's SequenceParallel leaves them: whoever reads them reduces them (DTensor's
+    optimizer step, clip_grad_norm_, FSDP2, full_tensor), no collective in backward."""
+    with local_parameters(module, lambda p: to_local(p, Partial())):
         return type(module).forward(module, x_local, *args, **kwargs)
 
 
@@ -47,7 +49,7 @@ def sequence_parallel_forward(module: nn.Module, x, *args, **kwargs):
     style = module._dtp_style
     mesh = module._dtp_mesh
     x_local, global_shape = sequence_shard_of(x, mesh, style.sequence_dim, f"SequenceParallel({module._dtp_path!r})")
-    y = run_on_sequence_shard(module, x_local, args, kwargs, axis_of(mesh))
+    y = run_on_sequence_shard(module, x_local, args, kwargs)
     if style.use_local_output or not isinstance(y, torch.Tensor):
         return y
     seq = style.sequence_dim % y.dim()

@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import dtp
 from dtp.parallelize import _matches
+from dtp.params import local_slice
 from examples.gpt import GPT, GPTConfig, tp_plan
 
 from .reference import assert_close
@@ -69,12 +70,28 @@ def case_plan_errors():
         model = Net()
         before = {n: p.clone() for n, p in model.named_parameters()}
         with pytest.raises(exc) as info:
-            dtp.parallelize_module(model, mesh, plan)
+            dtp.parallelize_module(model, mesh, plan, strict=True)
         assert all(n in str(info.value) for n in needles), (needles, str(info.value))
         for n, p in model.named_parameters():  # nothing was changed
             assert not isinstance(p, DTensor) and torch.equal(p, before[n]), n
         messages.append(str(info.value))
     return messages
+
+
+def case_unmatched_entry_warns_as_torch():
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="'blocks.*.upp' matches no module"):
+        dtp.parallelize_module(model, None, {"blocks.*.upp": dtp.ColwiseParallel(), "blocks.*.up": dtp.ColwiseParallel()})
+    assert model.blocks[0]["up"].weight.placements == (Shard(0),), "the rest of the plan is applied"
+    x = torch.randn(3, 4)
+    expected = local_slice(reference.blocks[0]["up"](x), Shard(-1), 2, dtp.default_mesh().get_local_rank())
+    assert_close(model.blocks[0]["up"](x), expected, "the matched entry (colwise output, this rank's slice)")
+
+
+def test_unmatched_entry_warns_and_is_skipped_as_in_torch(pools):
+    pools.run(2, case_unmatched_entry_warns_as_torch)
 
 
 def test_bad_plans_error_on_every_rank_and_change_nothing(pools):

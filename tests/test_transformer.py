@@ -112,8 +112,9 @@ def test_collectives_per_block_without_sequence_parallel(pools):
 def test_collectives_per_block_with_sequence_parallel(pools):
     fwd, bwd, all_reduce_sizes = pools.run(2, case_counts_per_block, True)[0]
     assert fwd == {"all_gather": 2, "reduce_scatter": 2}
-    # backward: the mirror image, plus the 4 LayerNorm parameter gradients (weight, bias of 2 norms)
-    assert bwd == {"all_gather": 2, "reduce_scatter": 2, "all_reduce": 4}
+    # backward: the mirror image; the LayerNorm parameters' gradients stay Partial (torch's SequenceParallel
+    # semantics), reduced where they are read: by the optimizer step, clip_grad_norm_, FSDP2 or full_tensor
+    assert bwd == {"all_gather": 2, "reduce_scatter": 2}
     activation = 2 * 8 * GPTConfig().dim  # batch x seq x dim elements
     assert all_reduce_sizes and max(all_reduce_sizes) < activation, \
         f"an all-reduce moved activations: sizes {all_reduce_sizes}"
