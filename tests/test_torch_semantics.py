@@ -1,0 +1,133 @@
+"""torch's finer TP semantics, each checked against torch.distributed.tensor.parallel on the same module and input:
+layouts mean what they mean on the actual tensor, inputs in any layout are redistributed, SequenceParallel leaves
+parameter gradients Partial, PrepareModuleInputOutput exists."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed.tensor.parallel as torch_tp
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+import dtp
+
+from .reference import assert_close
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _both(module, plan_of, x, grad_of=lambda y: y.sum()):
+    """(dtp's output, torch's output, dtp model, torch model) for the same module, plan and input."""
+    mesh = dtp.default_mesh()
+    ours = dtp.parallelize_module(copy.deepcopy(module), mesh, plan_of(dtp))
+    theirs = torch_tp.parallelize_module(copy.deepcopy(module), mesh, plan_of(torch_tp))
+    outs = []
+    for model in (ours, theirs):
+        xi = x.detach().clone().requires_grad_(x.is_floating_point()) if not isinstance(x, DTensor) else x
+        y = model(xi)
+        grad_of(full(y) if isinstance(y, DTensor) else y).backward()
+        outs.append(y)
+    return outs[0], outs[1], ours, theirs
+
+
+def _same(ours, theirs, a, b, what):
+    assert isinstance(a, DTensor) == isinstance(b, DTensor), f"{what}: {type(a).__name__} vs torch's {type(b).__name__}"
+    assert isinstance(a, DTensor) or type(a) is torch.Tensor, f"{what}: dtp hands back a finished plain tensor"
+    if isinstance(a, DTensor):
+        assert a.placements == b.placements, f"{what}: placements {a.placements} vs torch's {b.placements}"
+    assert_close(full(a).detach() if isinstance(a, DTensor) else a.detach(),
+                 full(b).detach() if isinstance(b, DTensor) else b.detach(), what)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        if q.grad is not None:
+            assert_close(full(p.grad), full(q.grad), f"{what}: grad of {name}")
+
+
+def case_layouts():
+    torch.manual_seed(0)
+    rank = dtp.default_mesh().get_local_rank()
+    linear = nn.Linear(8, 6)
+    x = torch.randn(4, 8) + rank  # a batch shard: different on every rank
+    cases = [
+        ("Colwise, batch-sharded input", linear, lambda s: {"": s.ColwiseParallel(input_layouts=Shard(0))}, x),
+        ("Colwise, output on the batch dim", linear,
+         lambda s: {"": s.ColwiseParallel(output_layouts=Shard(0), use_local_output=False)}, torch.randn(4, 8)),
+        ("Rowwise, batch-sharded output", linear,
+         lambda s: {"": s.RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))}, torch.randn(4, 8)),
+        ("Rowwise, Partial input", linear,
+         lambda s: {"": s.RowwiseParallel(input_layouts=Partial())}, torch.randn(4, 8)),
+        ("Rowwise embedding, 1-D ids, hidden dim sharded", nn.Embedding(10, 6),
+         lambda s: {"": s.RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))},
+         torch.tensor([1, 4, 9, 0])),
+        ("Colwise embedding, gathered", nn.Embedding(10, 6),
+         lambda s: {"": s.ColwiseParallel(output_layouts=Replicate())}, torch.tensor([[1, 4], [9, 0]])),
+    ]
+    for what, module, plan_of, inp in cases:
+        a, b, ours, theirs = _both(module, plan_of, inp)
+        _same(ours, theirs, a, b, what)
+
+
+def test_layouts_mean_what_they_mean_on_the_tensor(pools):
+    pools.run(2, case_layouts)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x, y):
+        return self.linear(x) + y
+
+
+def case_prepare_module_input_output():
+    torch.manual_seed(0)
+    mesh = dtp.default_mesh()
+    for styles in (dtp, torch_tp):
+        styles.PrepareModuleInputOutput(input_layouts=(Shard(0), None), desired_input_layouts=(Replicate(), None),
+                                        output_layouts=Replicate(), desired_output_layouts=Shard(0))
+    plan = lambda s: {"": s.PrepareModuleInputOutput(  # noqa: E731
+        input_layouts=(Shard(0), None), desired_input_layouts=(Replicate(), None), use_local_input=True,
+        output_layouts=Replicate(), desired_output_layouts=Shard(0))}
+    module = TwoInputs()
+    outs = []
+    for s, par in ((dtp, dtp.parallelize_module), (torch_tp, torch_tp.parallelize_module)):
+        m = par(copy.deepcopy(module), mesh, plan(s))
+        outs.append(m(torch.ones(2, 8) * (mesh.get_local_rank() + 1), torch.ones(4, 8)))
+    assert_close(outs[0], outs[1], "PrepareModuleInputOutput: dtp vs torch")
+    with pytest.raises(AssertionError, match="input_layouts and desired_input_layouts should have same length!"):
+        dtp.PrepareModuleInput(input_layouts=Shard(0), desired_input_layouts=(Replicate(), None))
+
+
+def test_prepare_module_input_output(pools):
+    pools.run(2, case_prepare_module_input_output)
+
+
+def case_sequence_parallel_gradients(batch_sharded):
+    torch.manual_seed(0)
+    mesh = dtp.default_mesh()
+    norm = nn.LayerNorm(12)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 6, 12)
+    layout = Shard(0) if batch_sharded else Shard(1)
+    results = []
+    for par, style in ((dtp.parallelize_module, dtp.SequenceParallel()),
+                       (torch_tp.parallelize_module, torch_tp.SequenceParallel())):
+        model = par(copy.deepcopy(norm), mesh, style)
+        y = model(distribute_tensor(x, mesh, [layout]))
+        y.backward(torch.ones_like(y))
+        assert y.placements == (Shard(1),)
+        assert model.weight.grad.placements == (Partial(),), "torch's SequenceParallel leaves them Partial"
+        results.append((full(y), full(model.weight.grad), full(model.bias.grad)))
+    for a, b, what in zip(results[0], results[1], ("output", "weight grad", "bias grad")):
+        assert_close(a, b, f"SequenceParallel {what}: dtp vs torch")
+    norm(x).backward(torch.ones(4, 6, 12))
+    assert_close(results[0][1], norm.weight.grad, "weight grad vs one process")
+
+
+@pytest.mark.parametrize("batch_sharded", [False, True], ids=["seq-sharded", "batch-sharded"])
+def test_sequence_parallel_as_torch(pools, batch_sharded):
+    pools.run(2, case_sequence_parallel_gradients, batch_sharded)
