@@ -21,7 +21,10 @@ __all__ = ["reduce_from", "gather_from", "sequence_scatter", "replicated_local"]
 class _ReduceFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, axis):
-        return all_reduce(x, axis).wait()
+        y = all_reduce(x, axis, inplace=True).wait()  # x is its caller's fresh partial sum
+        if y is x:
+            ctx.mark_dirty(x)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -66,7 +69,7 @@ class _ReplicatedLocal(torch.autograd.Function):
 
 
 def reduce_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
-    """Y = Σ_ranks X; forward all-reduce, backward identity."""
+    """Y = Σ_ranks X; forward all-reduce (in place: pass a fresh tensor nobody else reads), backward identity."""
     return _ReduceFrom.apply(x, axis)
 
 
