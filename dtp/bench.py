@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.tensor.parallel as torch_tp
 from torch import nn
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import DTensor, Replicate
 
 from .bench_reference import HandBlock, HandLlama, HandMLP
 from .mesh import default_mesh
@@ -84,6 +84,8 @@ def _models(shape: dict, device: torch.device):
     torch.manual_seed(0)
     mesh = default_mesh()
     sys.path.insert(0, __file__.rsplit("/dtp/", 1)[0])
+    # DTensor's first op imports its fake-tensor machinery (~0.7 s, once per process): not a plan's cost
+    DTensor.from_local(torch.zeros(1, device=device), mesh, [Replicate()], run_check=False).detach()
     if shape["kind"] == "llama":
         return _llama_variants(shape, device, mesh)
     if shape["kind"] == "mlp":

@@ -69,10 +69,12 @@ def test_benchmark_runs_and_reports(pools):
     from dtp.bench import _row, _table, bench_rank
 
     rows = []
-    for shape in ("small", "block"):
+    for shape in ("small", "block", "llama", "llama-sp"):
         result = pools.run(2, bench_rank, shape, 2, 1)[0]
-        assert set(result["median"]) == {"dtp", "torch", "hand", "single"}
+        variants = {"dtp", "torch", "single"} | ({"hand"} if shape != "llama-sp" else set())
+        assert set(result["median"]) == variants
         assert result["param_mib"]["dtp"] < result["param_mib"]["single"]
+        assert set(result["plan_ms"]) == {"dtp", "dtp_local", "torch"} and min(result["plan_ms"].values()) > 0
         rows.append(_row(shape, 2, "gloo", result))
     table = _table(rows)
-    assert "dtp/torch" in table and "| small | 2 |" in table and "| block | 2 |" in table
+    assert "dtp/torch" in table and all(f"| {s} | 2 |" in table for s in ("small", "block", "llama", "llama-sp"))

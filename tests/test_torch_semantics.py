@@ -131,3 +131,39 @@ def case_sequence_parallel_gradients(batch_sharded):
 @pytest.mark.parametrize("batch_sharded", [False, True], ids=["seq-sharded", "batch-sharded"])
 def test_sequence_parallel_as_torch(pools, batch_sharded):
     pools.run(2, case_sequence_parallel_gradients, batch_sharded)
+
+
+class HalvedOutput(torch_tp.ParallelStyle):
+    """A project's own torch style (like torchtitan's NoParallel): replicated parameters, output halved by a hook."""
+
+    def _apply(self, module, device_mesh):
+        from torch.distributed.tensor import distribute_module
+
+        return distribute_module(
+            module, device_mesh,
+            input_fn=lambda mod, inputs, mesh: tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+                                                     for t in inputs),
+            output_fn=lambda mod, out, mesh: out.to_local() * 0.5)
+
+
+def case_unknown_torch_style_applied_by_torch():
+    torch.manual_seed(0)
+    mesh = dtp.default_mesh()
+    single = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(3, 4)
+    expected = single[2](single[1](single[0](x))) * 0.5
+    for order in ("together", "root-first"):
+        model = copy.deepcopy(single)
+        plan = {"0": torch_tp.ColwiseParallel(), "2": HalvedOutput()}
+        if order == "root-first":  # dtp's first call replicates "2"'s parameters; torch's style then takes them
+            dtp.parallelize_module(model, mesh, {"0": plan["0"]})
+            dtp.parallelize_module(model, mesh, {"2": plan["2"]})
+        else:
+            dtp.parallelize_module(model, mesh, plan)
+        assert type(dtp.applied_styles(model)["2"]).__name__ == "TorchStyle"
+        hidden = DTensor.from_local(model[0](x), mesh, [Shard(-1)], run_check=False).full_tensor()
+        assert_close(model[2](torch.relu(hidden)), expected, f"torch's own style applied by torch ({order})")
+
+
+def test_unknown_torch_style_is_applied_by_torch(pools):
+    pools.run(2, case_unknown_torch_style_applied_by_torch)
