@@ -64,8 +64,9 @@ def case_empty_batches():
     return shapes
 
 
-def test_empty_batches_give_nn_shapes_and_zero_gradients(pools):
-    pools.run(2, case_empty_batches)
+@pytest.mark.parametrize("world", [2, 4])
+def test_empty_batches_give_nn_shapes_and_zero_gradients(pools, world):
+    pools.run(world, case_empty_batches)
 
 
 def case_width_errors():

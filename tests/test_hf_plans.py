@@ -91,8 +91,9 @@ def case_hf_strings_on_a_model():
         assert_close(full(p.grad), ref.grad, f"grad of {name}")
 
 
-def test_hf_strings_and_parameter_entries(pools):
-    pools.run(2, case_hf_strings_on_a_model)
+@pytest.mark.parametrize("world", [2, 4])
+def test_hf_strings_and_parameter_entries(pools, world):
+    pools.run(world, case_hf_strings_on_a_model)
 
 
 def case_transformers_llama(world_shape):

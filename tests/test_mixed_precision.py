@@ -67,8 +67,9 @@ def case_layers_under_autocast():
             assert_close(grad, expected, f"{what}.{name} grad", BF16, scale=2.0)
 
 
-def test_every_layer_and_the_shim_under_autocast(pools):
-    pools.run(2, case_layers_under_autocast)
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_layer_and_the_shim_under_autocast(pools, world):
+    pools.run(world, case_layers_under_autocast)
 
 
 def _gpt_step(model, ids, autocast=True):
@@ -99,9 +100,10 @@ def case_styles_under_autocast(sp):
         assert_close(grads[name], grads_s[name], f"grad of {name} vs one process", BF16, scale=2.0)
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
-def test_plan_styles_under_autocast_match_torch_tp(pools, sp):
-    pools.run(2, case_styles_under_autocast, sp)
+def test_plan_styles_under_autocast_match_torch_tp(pools, world, sp):
+    pools.run(world, case_styles_under_autocast, sp)
 
 
 def case_bf16_parameters(sp):

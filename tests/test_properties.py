@@ -1,4 +1,5 @@
-"""Hypothesis: any features, leading dims, world size and bias give nn.Linear's results on real ranks."""
+"""Hypothesis: any features, leading dims, world size and bias give nn.Linear's results on real ranks; a plan cut
+into any pieces, applied in any order, gives the model one call gives."""
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,3 +38,46 @@ def test_transformer_any_dims(pools, world, heads_per_rank, head_dim, hidden_mul
     cfg = dict(vocab_size=vocab, n_heads=heads, dim=heads * head_dim, hidden=hidden_mult * 5, n_layers=1,
                norm=norm, bias=bias)
     pools.run(world, case_transformer_matches, sp, cfg, batch, seq, 1, "float32")
+
+
+def case_plan_in_pieces(sp, pieces, seed):
+    """The GPT plan cut into `pieces` calls (entries shuffled), one piece applied twice: the same model as one call."""
+    import copy
+    import random
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    import dtp
+    from examples.gpt import GPT, GPTConfig, tp_plan
+
+    from .reference import assert_close
+
+    rng = random.Random(seed)
+    plan = tp_plan(sp)
+    keys = list(plan)
+    rng.shuffle(keys)
+    groups = [{k: plan[k] for k in keys[i::pieces]} for i in range(pieces)]
+    torch.manual_seed(seed)
+    single = GPT(GPTConfig(n_layers=2))
+    mesh = dtp.default_mesh()
+    model, once = copy.deepcopy(single), dtp.parallelize_module(copy.deepcopy(single), mesh, plan)
+    for group in groups + [rng.choice(groups)]:
+        dtp.parallelize_module(model, mesh, group)
+    assert dtp.applied_styles(model) == dtp.applied_styles(once)
+    ids = torch.randint(0, 96, (2, 8))
+    results = []
+    for m in (model, once):
+        logits = m(ids)
+        dtp.vocab_parallel_cross_entropy(logits, ids).backward()
+        results.append((logits.full_tensor(), {n: p.grad.full_tensor() for n, p in m.named_parameters()}))
+        assert all(isinstance(p, DTensor) and not isinstance(p._local_tensor, DTensor) for p in m.parameters())
+    assert_close(results[0][0], results[1][0], "logits: pieces vs one call")
+    for name, grad in results[1][1].items():
+        assert_close(results[0][1][name], grad, f"grad of {name}: pieces vs one call")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(world=st.sampled_from([2, 4]), sp=st.booleans(), pieces=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_plan_in_any_pieces_and_order(pools, world, sp, pieces, seed):
+    pools.run(world, case_plan_in_pieces, sp, pieces, seed)

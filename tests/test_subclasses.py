@@ -88,9 +88,10 @@ def case_lora(kind):
                 assert_close(full(p.grad), full(q.grad), f"dtp vs torch grad of {name}")
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", ["direct", "nested"])
-def test_lora_subclass_keeps_its_forward(pools, kind):
-    pools.run(2, case_lora, kind)
+def test_lora_subclass_keeps_its_forward(pools, world, kind):
+    pools.run(world, case_lora, kind)
 
 
 def test_from_linear_refuses_a_subclass_forward(pools):
