@@ -116,7 +116,8 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
 
     With replicate_rest (the default) the parameters no style touched become replicated DTensors
     (their modules still compute on local tensors), so the whole model is DTensor parameters.  An entry
-    that matches nothing warns and is skipped, as in torch; strict=True makes it an error.
+    that matches nothing warns and is skipped, as in torch; strict=True makes it an error.  Tied weights
+    (one Parameter in two modules) stay tied where the plan splits both uses alike.
     """
     mesh = tp_submesh(device_mesh, "parallelize_module")
     if src_data_rank is not None and not (isinstance(src_data_rank, int) and 0 <= src_data_rank < mesh.size()):
@@ -128,6 +129,7 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
     plan = explain_plan(module, parallelize_plan, mesh, strict=strict)
     todo = {path: style for path, style in plan.items()
             if isinstance(style, ShardParameter) or not style.is_applied(module.get_submodule(path), mesh)}
+    tied = _tied_groups(module)
     if src_data_rank is not None:  # every tensor this call turns into a DTensor takes src's values
         touched = module.parameters() if replicate_rest else [
             p for path, style in todo.items()
@@ -145,7 +147,36 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
         style.apply(module.get_submodule(path), mesh, path)
     if replicate_rest:
         replicate_remaining_(module, mesh)
+    _retie(tied)
     return module
+
+
+def _tied_groups(module: nn.Module) -> list:
+    """[[(owner, name), ...]] for every parameter object that more than one module holds (tied weights)."""
+    owners: dict[int, list] = {}
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((owner, name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _retie(groups: list) -> None:
+    """Tied weights stay one parameter where every use is split alike; else a warning says they came apart."""
+    for group in groups:
+        params = [owner._parameters[name] for owner, name in group]
+        first = params[0]
+        if all(p is first for p in params):
+            continue
+        layouts = {(p.device_mesh, p.placements, tuple(p.shape)) if isinstance(p, DTensor) else None for p in params}
+        if len(layouts) == 1 and None not in layouts:
+            for owner, name in group:
+                owner._parameters[name] = first
+        else:
+            where = ", ".join(f"{type(o).__name__}.{n}" for o, n in group)
+            warnings.warn(f"parallelize_module: tied parameters ({where}) are split differently "
+                          f"({[getattr(p, 'placements', 'plain') for p in params]}); they are no longer tied",
+                          stacklevel=3)
 
 
 def applied_styles(module: nn.Module) -> dict:

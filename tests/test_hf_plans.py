@@ -96,14 +96,16 @@ def test_hf_strings_and_parameter_entries(pools, world):
     pools.run(world, case_hf_strings_on_a_model)
 
 
-def case_transformers_llama(world_shape):
+def case_transformers_llama(world_shape, tied=False):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=world_shape, max_position_embeddings=32)
+                                   num_attention_heads=4, num_key_value_heads=world_shape, max_position_embeddings=32,
+                                   tie_word_embeddings=tied)
     single = transformers.LlamaForCausalLM(cfg).eval()
     model = copy.deepcopy(single)
     dtp.parallelize_module(model, dtp.default_mesh(), model.tp_plan)  # the whole recipe
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied, "tied weights stay tied"
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     out, ref = model(input_ids=ids, labels=ids), single(input_ids=ids, labels=ids)
     assert_close(out.logits, ref.logits, "logits")
@@ -115,8 +117,32 @@ def case_transformers_llama(world_shape):
     return sorted({str(p.placements) for p in model.parameters()})
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_transformers_llama_with_its_own_tp_plan(pools, world):
+def test_transformers_llama_with_its_own_tp_plan(pools, world, tied):
     pytest.importorskip("transformers")
-    placements = pools.run(world, case_transformers_llama, world)[0]
+    placements = pools.run(world, case_transformers_llama, world, tied)[0]
     assert placements == ["(Replicate(),)", "(Shard(dim=0),)", "(Shard(dim=1),)"]
+
+
+def case_tied_weights():
+    """One Parameter as the embedding and the lm-head: still one after the plan where both splits agree (as in one
+    process, its gradient sums both uses); a warning where they do not."""
+    torch.manual_seed(0)
+    single = Tiny()
+    single.lm_head.weight = single.embed_tokens.weight
+    model = copy.deepcopy(single)
+    dtp.parallelize_module(model, dtp.default_mesh(), {"embed_tokens": "embedding_rowwise", "lm_head": "colwise_rep"})
+    assert model.lm_head.weight is model.embed_tokens.weight
+    ids = torch.randint(0, 30, (2, 5))
+    model(ids).pow(2).mean().backward()
+    single(ids).pow(2).mean().backward()
+    for (name, p), ref in zip(model.named_parameters(), single.parameters()):
+        assert_close(full(p.grad), ref.grad, f"grad of {name}")
+    apart = copy.deepcopy(single)
+    with pytest.warns(UserWarning, match="no longer tied"):
+        dtp.parallelize_module(apart, dtp.default_mesh(), {"embed_tokens": "embedding_colwise", "lm_head": "colwise"})
+
+
+def test_tied_weights_stay_tied(pools):
+    pools.run(2, case_tied_weights)
