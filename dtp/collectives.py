@@ -8,7 +8,6 @@ returns a `Pending` handle: start the collective, do other work, then `.wait()`.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
-__all__ = ["AxisGroup", "axis_of", "chunk_sizes", "chunk_offset", "Pending",
+__all__ = ["AxisGroup", "axis_of", "group_is_alive", "chunk_sizes", "chunk_offset", "Pending",
            "all_reduce", "all_gather", "reduce_scatter"]
 
 
@@ -50,10 +49,19 @@ class AxisGroup:
         return cls(mesh, mesh.get_group(), mesh.size(), mesh.get_local_rank())
 
 
-@functools.lru_cache(maxsize=None)
+def group_is_alive(group) -> bool:
+    """group is still registered with torch.distributed (not destroyed by destroy_process_group)."""
+    return group in dist.distributed_c10d._world.pg_map
+
+
 def axis_of(mesh: DeviceMesh) -> AxisGroup:
-    """The collective group of a 1-D tensor-parallel mesh (cached per mesh)."""
-    return AxisGroup.of(mesh)
+    """The collective group of a 1-D tensor-parallel mesh, cached on the mesh object itself and only while its group
+    lives: meshes compare equal across a destroy / init of the process group, their groups do not."""
+    axis = getattr(mesh, "_dtp_axis", None)
+    if axis is None or not group_is_alive(axis.group):
+        axis = AxisGroup.of(mesh)
+        mesh._dtp_axis = axis
+    return axis
 
 
 class Pending:

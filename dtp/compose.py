@@ -12,7 +12,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from .collectives import group_is_alive
 from .data_parallel import replicate_over
+from .mesh import check_member
 from .parallelize import _matches, parallelize_module
 
 __all__ = ["parallelize_2d", "fully_shard", "clip_grad_norm_"]
@@ -24,17 +26,18 @@ def _avg_reduce_scatter_sums(mesh: DeviceMesh) -> bool:
     group = mesh.get_group()
     if mesh.size() == 1 or dist.get_backend(group) != "gloo":
         return False
-    key = group.group_name
-    if key not in _AVG_PROBES:
-        out = torch.empty(1)
-        with warnings.catch_warnings():  # newer torch renames the call; the probe is about older ones
-            warnings.simplefilter("ignore", FutureWarning)
-            dist.reduce_scatter_tensor(out, torch.ones(mesh.size()), op=dist.ReduceOp.AVG, group=group)
-        _AVG_PROBES[key] = bool(out.item() > 1.5)
-    return _AVG_PROBES[key]
+    for probed, sums in _AVG_PROBES:
+        if probed is group:  # by identity: a group made after a re-init is probed afresh
+            return sums
+    out = torch.empty(1)
+    with warnings.catch_warnings():  # newer torch renames the call; the probe is about older ones
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.reduce_scatter_tensor(out, torch.ones(mesh.size()), op=dist.ReduceOp.AVG, group=group)
+    _AVG_PROBES[:] = [(g, r) for g, r in _AVG_PROBES if group_is_alive(g)] + [(group, bool(out.item() > 1.5))]
+    return _AVG_PROBES[-1][1]
 
 
-_AVG_PROBES: dict = {}
+_AVG_PROBES: list = []  # [(process group, whether its AVG reduce-scatter sums)], live groups only
 
 
 def fully_shard(module: nn.Module, *, mesh: DeviceMesh, **kwargs) -> nn.Module:
@@ -44,6 +47,7 @@ def fully_shard(module: nn.Module, *, mesh: DeviceMesh, **kwargs) -> nn.Module:
         from torch.distributed.fsdp import fully_shard as torch_fully_shard
     except ImportError:  # torch < 2.6 kept it under _composable
         from torch.distributed._composable.fsdp import fully_shard as torch_fully_shard
+    check_member(mesh, "fully_shard")
     module = torch_fully_shard(module, mesh=mesh, **kwargs)
     if _avg_reduce_scatter_sums(mesh):
         size = mesh.size()
@@ -55,6 +59,7 @@ def parallelize_2d(model: nn.Module, device_mesh: DeviceMesh, parallelize_plan: 
                    data_parallel: str = "fsdp", fsdp_units: Iterable[str] = (), **fsdp_kwargs) -> nn.Module:
     """TP by the plan on the "tp" axis, then data parallel on the "dp" axis: "fsdp" = fully_shard each module
     matching an fsdp_units pattern and then the root (torch's 2-D order); "ddp" = gradients all-reduced over dp."""
+    check_member(device_mesh, "parallelize_2d")
     names = device_mesh.mesh_dim_names or ()
     if device_mesh.ndim != 2 or set(names) != {"dp", "tp"}:
         raise ValueError(f"parallelize_2d: device_mesh must be 2-D with axes named 'dp' and 'tp' "

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from .collectives import AxisGroup, all_reduce
+from .mesh import check_member
 
 __all__ = ["replicate_over"]
 
@@ -47,6 +48,7 @@ class _GradientAverager:
 def replicate_over(model: nn.Module, dp_mesh: DeviceMesh, *, parameters=None, broadcast: bool = True) -> nn.Module:
     """DDP semantics on the dp axis: parameters equal across dp ranks (broadcast from dp rank 0 once), grads averaged
     (all-reduce per parameter) in backward.  `parameters`: only these (default: all of the model's, and its buffers)."""
+    check_member(dp_mesh, "replicate_over")
     if dp_mesh.ndim != 1:
         raise ValueError(f"replicate_over: dp_mesh must be 1-D (e.g. mesh['dp']), got a {dp_mesh.ndim}-D mesh")
     axis = AxisGroup.of(dp_mesh)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["default_mesh", "init_mesh", "mesh_device_type", "tp_submesh", "check_divisible"]
+__all__ = ["default_mesh", "init_mesh", "mesh_device_type", "tp_submesh", "check_member", "check_divisible"]
 
 # Meshes are cached per default process group (keyed by the group object itself): every layer
 # built without an explicit mesh shares one, init_mesh does not create new sub-groups on every
@@ -82,12 +82,21 @@ def init_mesh(tp: int | None = None, dp: int | None = None, *, device_type: str 
     return _named_mesh(device_type, (dp, tp), ("dp", "tp"))
 
 
+def check_member(mesh: DeviceMesh, what: str) -> None:
+    """ValueError naming the mesh and this rank when the mesh does not include this rank (no collective)."""
+    if mesh.get_coordinate() is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise ValueError(f"{what}: this rank ({rank}) is not in the device mesh {mesh} (its ranks: "
+                         f"{mesh.mesh.flatten().tolist()}); every rank must pass a mesh it belongs to")
+
+
 def tp_submesh(mesh: DeviceMesh | None, what: str = "layer") -> DeviceMesh:
     """The 1-D tensor-parallel mesh: mesh itself if 1-D, mesh["tp"] if it has a "tp" axis; else a clear error."""
     if mesh is None:
         return default_mesh()
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"{what}: device_mesh must be a torch DeviceMesh, got {type(mesh).__name__}")
+    check_member(mesh, what)
     if mesh.ndim == 1:
         return mesh
     names = mesh.mesh_dim_names or ()
