@@ -5,7 +5,8 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from .embedding import VocabParallelEmbedding, column_embedding, vocab_parallel_embedding
 from .functional import column_linear, row_linear
 from .layers import ColumnParallelLinear, RowParallelLinear
-from .checkpoint import full_state_dict, load_checkpoint, load_full_state_dict, save_checkpoint
+from .checkpoint import full_state_dict, load_full_state_dict
+from .sharded_checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
 from .compose import clip_grad_norm_, parallelize_2d
 from .data_parallel import replicate_over
 from .loss import vocab_parallel_cross_entropy
@@ -28,7 +29,8 @@ __all__ = [
     # 2-D composition and the reference verifier
     "parallelize_2d", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport",
     # checkpoints
-    "full_state_dict", "load_full_state_dict", "save_checkpoint", "load_checkpoint",
+    "full_state_dict", "load_full_state_dict", "save_checkpoint", "load_checkpoint", "CheckpointMismatch",
+    "CheckpointError",
     # torch's placements, re-exported for plans
     "Shard", "Replicate", "Partial",
 ]
