@@ -12,6 +12,7 @@ from .data_parallel import replicate_over
 from .loss import vocab_parallel_cross_entropy
 from .mesh import default_mesh, init_mesh
 from .parallelize import applied_styles, explain_plan, parallelize_module
+from .replicas import ReplicaMismatch, check_replicas
 from .verify import VerifyReport, verify
 from .module_io import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
 from .style_base import ParallelStyle
@@ -27,7 +28,8 @@ __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
     # 2-D composition and the reference verifier
-    "parallelize_2d", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport",
+    "parallelize_2d", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport", "check_replicas",
+    "ReplicaMismatch",
     # checkpoints
     "full_state_dict", "load_full_state_dict", "save_checkpoint", "load_checkpoint", "CheckpointMismatch",
     "CheckpointError",

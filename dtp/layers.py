@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from .linear_forward import ColumnForward, RowForward
 from .mesh import tp_submesh
 from .params import broadcast_from, local_slice, shard_parameter
+from .replicas import check_replicas
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
@@ -64,7 +65,7 @@ class _ParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device_mesh: DeviceMesh | None = None, master_weight: torch.Tensor | None = None,
-                 use_local_output: bool = True, device=None, dtype=None):
+                 use_local_output: bool = True, device=None, dtype=None, validate: bool = False):
         super().__init__()
         name = type(self).__name__
         _check_features(name, in_features, out_features)
@@ -83,6 +84,7 @@ class _ParallelLinear(nn.Module):
             full_w, full_b = _draw_like_linear(out_features, in_features, bias, device, dtype)
         self.weight = shard_parameter(full_w, self.device_mesh, self.weight_placement)
         self.bias = shard_parameter(full_b, self.device_mesh, self.bias_placement) if bias else None
+        self._validate = validate  # checked once the subclass is built (dtp.check_replicas, one all_gather_object)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device_mesh: DeviceMesh | None = None, *, src_data_rank: int | None = 0,
@@ -150,6 +152,8 @@ class ColumnParallelLinear(_ParallelLinear):
         self._forward = ColumnForward(self.device_mesh, in_features, out_features, input_layout=self.input_layout,
                                       output_layout=Replicate() if gather_output else Shard(-1),
                                       use_local_output=self.use_local_output, name=type(self).__name__)
+        if self._validate:
+            check_replicas(self)
 
     def forward(self, x):
         return self._forward(x, self.weight, self.bias)
@@ -177,6 +181,8 @@ class RowParallelLinear(_ParallelLinear):
                                    input_layout=Shard(-1) if input_is_parallel else Replicate(),
                                    output_layout=self.output_layout, use_local_output=self.use_local_output,
                                    name=type(self).__name__)
+        if self._validate:
+            check_replicas(self)
 
     def forward(self, x):
         return self._forward(x, self.weight, self.bias)

@@ -23,6 +23,7 @@ from .heads import HEAD_ATTRIBUTES, check_whole_heads
 from .hf_plans import ShardParameter, hf_parameter_placement, hf_style
 from .mesh import tp_submesh
 from .params import broadcast_from, shard_parameter
+from .replicas import check_replicas
 from .replicated_params import replicate_remaining_
 from .style_base import ParallelStyle
 from .styles import ColwiseParallel, RowwiseParallel
@@ -110,14 +111,16 @@ def _check_parameter(param, style: ShardParameter, mesh: DeviceMesh, where: str)
 
 
 def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None, parallelize_plan=None, *,
-                       src_data_rank: int | None = 0, replicate_rest: bool = True, strict: bool = False) -> nn.Module:
+                       src_data_rank: int | None = 0, replicate_rest: bool = True, strict: bool = False,
+                       validate: bool = False) -> nn.Module:
     """Split module in place by a plan {path pattern: style} on the mesh's tp axis; one broadcast per parameter from mesh rank
     src_data_rank (as torch: every rank ends with that rank's values), or none with src_data_rank=None (local slices).
 
     With replicate_rest (the default) the parameters no style touched become replicated DTensors
     (their modules still compute on local tensors), so the whole model is DTensor parameters.  An entry
     that matches nothing warns and is skipped, as in torch; strict=True makes it an error.  Tied weights
-    (one Parameter in two modules) stay tied where the plan splits both uses alike.
+    (one Parameter in two modules) stay tied where the plan splits both uses alike.  validate=True ends with
+    dtp.check_replicas (one all_gather_object): worth it with src_data_rank=None, where ranks keep their own values.
     """
     mesh = tp_submesh(device_mesh, "parallelize_module")
     if src_data_rank is not None and not (isinstance(src_data_rank, int) and 0 <= src_data_rank < mesh.size()):
@@ -148,6 +151,8 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
     if replicate_rest:
         replicate_remaining_(module, mesh)
     _retie(tied)
+    if validate:
+        check_replicas(module)
     return module
 
 

@@ -16,6 +16,7 @@ from .checkpoint import plain_name, unwrap
 from .compose import fully_shard, parallelize_2d
 from .mesh import init_mesh
 from .parallelize import _matches, parallelize_module
+from .replicas import check_replicas
 
 __all__ = ["verify", "VerifyReport", "MODES"]
 
@@ -151,6 +152,7 @@ def verify(model_fn: Callable[[], nn.Module], plan: dict, inputs: torch.Tensor, 
         torch.manual_seed(seed)
         try:
             model, dp_group = _build(mode, model_fn(), plan, tp, fsdp_units)
+            check_replicas(unwrap(model))  # replicated copies that differ between ranks are reported, not averaged
             out, loss, grads = _run(model, inputs, targets, loss_fn, dp_group)
         except Exception as exc:  # every rank raises alike (same model, same plan), so none is left waiting
             report.failures_by_mode[mode] = f"{type(exc).__name__}: {exc}"
