@@ -14,6 +14,7 @@ import itertools
 import multiprocessing as mp
 import os
 import queue
+import sys
 import tempfile
 import time
 import traceback
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankPool", "RankError", "run_on_ranks", "pick_backend"]
+__all__ = ["RankPool", "RankError", "run_on_ranks", "run_under_torchrun", "pick_backend"]
 
 
 class RankError(RuntimeError):
@@ -192,9 +193,26 @@ class RankPool:
         parts = [f"{what} failed on {self.world_size} ranks ({self.backend})"]
         for r, (_, tb) in sorted(failed.items()):
             parts.append(f"--- rank {r} raised ---\n{tb}")
-        if missing:
+        if missing and failed:
+            parts.append(f"--- ranks {missing} were stopped: they waited in a collective for rank(s) {sorted(failed)} ---")
+        elif missing:
             parts.append(f"--- ranks {missing} gave no answer (timed out or stuck in a collective) ---")
         raise RankError("\n".join(parts))
+
+
+def run_under_torchrun(fn: Callable, *args: Any, backend: str = "gloo", timeout_s: float = 120.0, **kwargs: Any):
+    """This process is one torchrun rank: a process group whose collectives give up after timeout_s (not torch's
+    30-minute default), fn(*args, **kwargs), and on any exception the traceback and an immediate exit, so that
+    torchrun ends the other ranks at once instead of leaving them waiting in a collective."""
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+    return result
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None = None,

@@ -17,7 +17,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dtp  # noqa: E402
-from dtp.testing import run_on_ranks  # noqa: E402
+from dtp.testing import run_on_ranks, run_under_torchrun  # noqa: E402
 from examples.gpt import GPT, GPTConfig, tp_plan  # noqa: E402
 
 
@@ -55,10 +55,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args()
-    if "RANK" in os.environ:  # under torchrun
-        dist.init_process_group("gloo")
-        train(args.steps, args.sequence_parallel)
-        dist.destroy_process_group()
+    if "RANK" in os.environ:  # under torchrun: bounded collectives, and a failing rank exits so torchrun ends the rest
+        run_under_torchrun(train, args.steps, args.sequence_parallel)
         return
     rows = run_on_ranks(train, args.world_size, args.steps, args.sequence_parallel)[0]
     worst = max(abs(a - b) for _, a, b in rows)

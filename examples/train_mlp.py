@@ -16,7 +16,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import dtp  # noqa: E402
-from dtp.testing import run_on_ranks  # noqa: E402
+from dtp.testing import run_on_ranks, run_under_torchrun  # noqa: E402
 
 
 def make_mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -66,10 +66,8 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    if "RANK" in os.environ:  # under torchrun: this process is one rank
-        dist.init_process_group("gloo")
-        train(args.steps)
-        dist.destroy_process_group()
+    if "RANK" in os.environ:  # under torchrun: this process is one rank; bounded collectives, exit on failure
+        run_under_torchrun(train, args.steps)
     else:
         rows = run_on_ranks(train, args.world_size, args.steps)[0]
         worst = max(abs(a - b) for _, a, b in rows)

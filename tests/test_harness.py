@@ -53,3 +53,55 @@ def test_timeout_is_enforced():
         pool.run(case_sum_of_ranks)
         with pytest.raises(RankError, match="gave no answer"):
             pool.run(case_sleep, 60, timeout=2)
+
+
+def case_rank_fails_inside_a_model(where):
+    """A 2-rank TP MLP; rank 1 raises in the middle of the forward (before its all-reduce) or of the backward."""
+    import dtp
+    from torch import nn
+
+    model = dtp.parallelize_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), None,
+                                   {"0": dtp.ColwiseParallel(), "2": dtp.RowwiseParallel()})
+
+    def fail(*_):
+        if dist.get_rank() == 1:
+            raise RuntimeError(f"rank 1 fails mid-{where}")
+
+    if where == "forward":
+        model[2].register_forward_pre_hook(fail)  # rank 0 then waits in the row layer's all-reduce
+    x = torch.randn(3, 4, requires_grad=True)
+    y = model(x)
+    if where == "backward":
+        y.register_hook(fail)  # rank 0 then waits in the column layer's input-gradient all-reduce
+    y.sum().backward()
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_failing_rank_ends_all_ranks_within_ten_seconds(where):
+    with RankPool(2, timeout=60, pg_timeout=1800) as pool:  # the process-group timeout alone would wait 30 minutes
+        pool.run(case_sum_of_ranks)  # started and warm
+        start = time.perf_counter()
+        with pytest.raises(RankError) as info:
+            pool.run(case_rank_fails_inside_a_model, where)
+        elapsed = time.perf_counter() - start
+    assert elapsed < 10, f"the peers of a failed rank took {elapsed:.1f} s to end"
+    assert f"rank 1 fails mid-{where}" in str(info.value) and "rank 1 raised" in str(info.value)
+    assert "ranks [0] were stopped: they waited in a collective for rank(s) [1]" in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_under_torchrun_a_failing_rank_ends_the_job(where):
+    """dtp.testing.run_under_torchrun: the failing rank exits at once and torchrun ends the rest (not the PG timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           os.path.join(root, "tests", "torchrun_failing_rank.py"), where],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    elapsed = time.perf_counter() - start
+    assert done.returncode != 0 and f"rank 1 fails mid-{where}" in done.stderr, done.stderr[-2000:]
+    assert "rank finished" not in done.stdout, "a rank went on after its peer failed"
+    assert elapsed < 40, f"torchrun took {elapsed:.1f} s (process start included) to end after a rank failed"
