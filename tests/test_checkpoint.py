@@ -16,20 +16,21 @@ from .reference import assert_close
 CFG = dict(vocab_size=30, dim=16, n_heads=4, hidden=24, n_layers=2)
 
 
-def build(layout, seed=0):
-    """(model, AdamW) at a layout, after one training step so the optimizer has state."""
+def build(layout, seed=0, dp=2):
+    """(model, AdamW) at a layout ("tp": 1-D; "2d": dp x tp over the world, FSDP2 on dp), after one training step so
+    the optimizer has state."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**CFG))
     world = dist.get_world_size()
     if layout == "2d":
-        dtp.parallelize_2d(model, dtp.init_mesh(dp=2, tp=world // 2), tp_plan(), fsdp_units=["layers.*"])
+        dtp.parallelize_2d(model, dtp.init_mesh(dp=dp, tp=world // dp), tp_plan(), fsdp_units=["layers.*"])
     else:
         dtp.parallelize_module(model, dtp.init_mesh(tp=world), tp_plan())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(100 + seed)
     ids = torch.randint(0, CFG["vocab_size"], (2, 6))
-    if layout == "2d":  # each dp rank its own half of the batch
-        ids = torch.randint(0, CFG["vocab_size"], (4, 6)).chunk(2)[dtp.init_mesh(dp=2, tp=world // 2)["dp"].get_local_rank()]
+    if layout == "2d":  # each dp rank its own part of the batch
+        ids = torch.randint(0, CFG["vocab_size"], (2 * dp, 6)).chunk(dp)[dtp.init_mesh(dp=dp, tp=world // dp)["dp"].get_local_rank()]
     dtp.vocab_parallel_cross_entropy(model(ids), ids).backward()
     opt.step()
     opt.zero_grad()
@@ -47,8 +48,8 @@ def full_states(model, opt):
     return {k: v.detach().cpu().clone() for k, v in out.items()}
 
 
-def case_save(layout, path):
-    model, opt = build(layout)
+def case_save(layout, path, dp=2):
+    model, opt = build(layout, dp=dp)
     dtp.save_checkpoint(path, model, opt)
     reference = full_states(model, opt)
     if dist.get_rank() == 0:
@@ -56,8 +57,8 @@ def case_save(layout, path):
     return sorted(os.listdir(path))
 
 
-def case_load(layout, path):
-    model, opt = build(layout, seed=1)  # different values, so the load has to overwrite them all
+def case_load(layout, path, dp=2):
+    model, opt = build(layout, seed=1, dp=dp)  # different values, so the load has to overwrite them all
     dtp.load_checkpoint(path, model, opt)
     reference = torch.load(path + ".reference.pt")
     loaded = full_states(model, opt)

@@ -8,7 +8,7 @@ from .test_contract import case_contract
 from .test_layers import LAYOUTS, case_layer
 from .test_transformer import case_transformer_matches
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @SETTINGS
@@ -28,7 +28,7 @@ def test_contract_any_divisible_shape(pools, world, in_mult, out_mult, batch, bi
     pools.run(world, case_contract, 4 * in_mult, 4 * out_mult, bias, tuple(batch), loss)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(world=st.sampled_from([1, 2, 3, 4]), heads_per_rank=st.integers(1, 2), head_dim=st.sampled_from([2, 4]),
        hidden_mult=st.integers(1, 3), vocab=st.integers(5, 40), seq=st.integers(1, 9), batch=st.integers(1, 3),
        sp=st.booleans(), norm=st.sampled_from(["layer", "rms"]), bias=st.booleans())
@@ -77,7 +77,102 @@ def case_plan_in_pieces(sp, pieces, seed):
         assert_close(results[0][1][name], grad, f"grad of {name}: pieces vs one call")
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(world=st.sampled_from([2, 4]), sp=st.booleans(), pieces=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_plan_in_any_pieces_and_order(pools, world, sp, pieces, seed):
     pools.run(world, case_plan_in_pieces, sp, pieces, seed)
+
+
+LAYOUTS_2D = [(1, 1), (1, 2), (2, 1), (1, 4), (2, 2), (4, 1)]  # (dp, tp); dp > 1 is TP x FSDP2
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(save_at=st.sampled_from(LAYOUTS_2D), load_at=st.sampled_from(LAYOUTS_2D))
+def test_checkpoint_reshards_between_any_layouts(pools, tmp_path_factory, save_at, load_at):
+    """Any saved (dp, tp) layout loads into any other bit for bit, the optimizer's state included."""
+    from .test_checkpoint import case_load, case_save
+
+    path = str(tmp_path_factory.mktemp("ckpt") / "ckpt")
+    (dp, tp), (dp2, tp2) = save_at, load_at
+    pools.run(dp * tp, case_save, "2d" if dp > 1 else "tp", path, dp)
+    pools.run(dp2 * tp2, case_load, "2d" if dp2 > 1 else "tp", path, dp2)
+
+
+BLOCK_PLANS = {  # how one MLP block (up: in -> hidden, down: hidden -> in, optional norm) may be split
+    "megatron": lambda: {"up": "dtp.Colwise", "down": "dtp.Rowwise"},
+    "torch objects": lambda: {"up": "torch.Colwise", "down": "torch.Rowwise"},
+    "hf strings": lambda: {"up": "colwise", "down": "rowwise"},
+    "gathered": lambda: {"up": "colwise_gather_output", "down": "rowwise_split_input"},
+    "split input only": lambda: {"down": "rowwise_split_input"},
+    "whole": lambda: {},
+}
+
+
+def _style(name):
+    import torch.distributed.tensor.parallel as torch_tp
+
+    import dtp
+
+    table = {"dtp.Colwise": dtp.ColwiseParallel, "dtp.Rowwise": dtp.RowwiseParallel,
+             "torch.Colwise": torch_tp.ColwiseParallel, "torch.Rowwise": torch_tp.RowwiseParallel}
+    return table[name]() if name in table else name
+
+
+def case_random_composition(widths, choices, norms, seed):
+    """A random MLP of blocks, each split one way or another: outputs, input and parameter gradients = one process."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
+    import dtp
+
+    from .reference import assert_close
+
+    torch.manual_seed(seed)
+    blocks = []
+    for (width, hidden), norm in zip(widths, norms):
+        block = nn.ModuleDict({"up": nn.Linear(width, hidden), "down": nn.Linear(hidden, width)})
+        if norm:
+            block["norm"] = nn.LayerNorm(width)
+        blocks.append(block)
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(blocks)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b["down"](torch.relu(b["up"](b["norm"](x) if "norm" in b else x)))
+            return x
+
+    single = MLP()
+    plan = {}
+    for i, choice in enumerate(choices):
+        plan.update({f"blocks.{i}.{name}": _style(style) for name, style in BLOCK_PLANS[choice]().items()})
+        if norms[i] and choice != "whole":
+            plan[f"blocks.{i}.norm"] = dtp.ReplicateParallel()
+    model = dtp.parallelize_module(copy.deepcopy(single), None, plan)
+    x = torch.randn(3, widths[0][0], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = model(x), single(x_ref)
+    assert_close(y, y_ref, f"output of {choices}")
+    g = torch.randn_like(y_ref)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert_close(x.grad, x_ref.grad, "input gradient")
+    for (name, p), ref in zip(model.named_parameters(), single.parameters()):
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        assert_close(grad, ref.grad, f"grad of {name} ({choices})")
+
+
+@settings(max_examples=45, deadline=None, suppress_health_check=list(HealthCheck))
+@given(world=st.integers(1, 4), width=st.integers(1, 9), hidden=st.lists(st.integers(1, 13), min_size=1, max_size=3),
+       choice=st.data(), seed=st.integers(0, 2**16))
+def test_any_composition_of_styles_equals_one_process(pools, world, width, hidden, choice, seed):
+    n = len(hidden)
+    choices = choice.draw(st.lists(st.sampled_from(sorted(BLOCK_PLANS)), min_size=n, max_size=n))
+    norms = choice.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    pools.run(world, case_random_composition, [(width, h) for h in hidden], choices, norms, seed)
