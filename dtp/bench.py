@@ -126,7 +126,26 @@ def _sync(device):
     dist.barrier()
 
 
-def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optimizer: bool = False) -> dict:
+def _profile(variants: dict, x, opts: dict, steps: int, top: int = 12) -> dict:
+    """{variant: table}: where rank 0's CPU time goes in `steps` steps of each distributed variant (torch.profiler,
+    self time per op, collectives' waits included), so the gap between dtp and hand-written code can be read off."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, model in variants.items():
+        if name == "single":
+            continue
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                _step(model, x, opts[name])
+        if dist.get_rank() == 0:
+            tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+        dist.barrier()
+    return tables
+
+
+def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optimizer: bool = False,
+               profile: bool = False) -> dict:
     """Run on every rank: interleaved timing of the variants; returns rank 0's medians and spreads (ms/step)."""
     torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -157,7 +176,8 @@ def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optim
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, CPU
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
-    return {"median": {n: statistics.median(t) for n, t in times.items()}, "plan_ms": plan_ms,
+    tables = _profile(variants, x, opts, steps * 5) if profile else {}
+    return {"median": {n: statistics.median(t) for n, t in times.items()}, "plan_ms": plan_ms, "profile": tables,
             "spread": {n: (min(t), max(t)) for n, t in times.items()},
             "param_mib": {n: b / 2**20 for n, b in params.items()}, "peak_mib": peak}
 
@@ -201,12 +221,17 @@ def main(argv=None) -> list:
     parser.add_argument("--rounds", type=int, default=None, help="default: per shape (150 small, 25 others)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step in each timed step")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print where each distributed variant's CPU time goes (torch.profiler)")
     parser.add_argument("--json", help="also write the rows as JSON to this file ('-' for stdout)")
     args = parser.parse_args(argv)
     rows = []
     for world in args.world_sizes:
         for shape in args.shapes:
-            result = run_on_ranks(bench_rank, world, shape, args.rounds, args.steps, args.optimizer, timeout=1800)[0]
+            result = run_on_ranks(bench_rank, world, shape, args.rounds, args.steps, args.optimizer, args.profile,
+                                  timeout=1800)[0]
+            for variant, table in result["profile"].items():
+                print(f"\n--- profile: {shape}, {world} ranks, {variant} (rank 0, self CPU time) ---\n{table}", flush=True)
             from .testing import pick_backend
             rows.append(_row(shape, world, pick_backend(world), result))
             print(_table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else _table(rows), flush=True)

@@ -78,3 +78,6 @@ def test_benchmark_runs_and_reports(pools):
         rows.append(_row(shape, 2, "gloo", result))
     table = _table(rows)
     assert "dtp/torch" in table and all(f"| {s} | 2 |" in table for s in ("small", "block", "llama", "llama-sp"))
+    profiled = pools.run(2, bench_rank, "small", 1, 1, False, True)
+    assert set(profiled[0]["profile"]) == {"dtp", "torch", "hand"} and profiled[1]["profile"] == {}
+    assert "Self CPU" in profiled[0]["profile"]["dtp"] and "aten::" in profiled[0]["profile"]["dtp"]
