@@ -12,16 +12,11 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from .collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
+from .params import same_placement
 from .style_base import ParallelStyle
 from .views import from_local, spec_of, to_local
 
 __all__ = ["PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput", "prepare_value"]
-
-
-def _same(a: Placement, b: Placement, ndim: int) -> bool:
-    if isinstance(a, Shard) and isinstance(b, Shard):
-        return a.dim % max(ndim, 1) == b.dim % max(ndim, 1)
-    return a == b
 
 
 class LayoutLengthError(ValueError, AssertionError):
@@ -84,7 +79,7 @@ def prepare_value(value, mesh, declared: Placement | None, desired: Placement | 
         dt = from_local(value, mesh, declared, shape)
     else:
         raise TypeError(f"{where}: a layout {declared} is declared for an input that is a {type(value).__name__}")
-    if desired is not None and not _same(dt.placements[-1], desired, dt.dim()):
+    if desired is not None and not same_placement(dt.placements[-1], desired, dt.dim()):
         dt = dt.redistribute(mesh, [desired])
     return to_local(dt) if use_local else dt
 

@@ -16,7 +16,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .collectives import chunk_offset, chunk_sizes
 
-__all__ = ["contiguous_stride", "local_slice", "local_shape", "shard_parameter", "broadcast_from"]
+__all__ = ["contiguous_stride", "local_slice", "local_shape", "same_placement", "shard_parameter", "broadcast_from"]
 
 
 def contiguous_stride(shape) -> tuple[int, ...]:
@@ -45,7 +45,8 @@ def local_slice(full: torch.Tensor, placement: Placement, world: int, rank: int)
     return full
 
 
-def _same_placement(a: Placement, b: Placement, ndim: int) -> bool:
+def same_placement(a: Placement, b: Placement, ndim: int) -> bool:
+    """a and b lay out an ndim-D tensor alike (Shard(-1) and Shard(ndim - 1) are the same)."""
     if isinstance(a, Shard) and isinstance(b, Shard):
         return a.dim % max(ndim, 1) == b.dim % max(ndim, 1)
     return a == b
@@ -66,7 +67,7 @@ def shard_parameter(full: torch.Tensor, mesh: DeviceMesh, placement: Placement, 
         if full.device_mesh != mesh:
             raise ValueError(f"{what} is already a DTensor on another device mesh ({full.device_mesh}); "
                              f"this plan splits it on {mesh}")
-        if len(full.placements) == 1 and _same_placement(full.placements[0], placement, full.dim()):
+        if len(full.placements) == 1 and same_placement(full.placements[0], placement, full.dim()):
             return full if isinstance(full, nn.Parameter) and full.requires_grad == requires_grad else \
                 nn.Parameter(full.detach(), requires_grad=requires_grad)
         if full.placements != (Replicate(),):
