@@ -5,7 +5,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from .embedding import VocabParallelEmbedding, column_embedding, vocab_parallel_embedding
 from .functional import column_linear, row_linear
 from .layers import ColumnParallelLinear, RowParallelLinear
-from .checkpoint import full_state_dict, load_full_state_dict
+from .checkpoint import full_state_dict, load_full_state_dict, packed_layouts
 from .sharded_checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
 from .compose import clip_grad_norm_, parallelize_2d
 from .data_parallel import replicate_over
@@ -17,6 +17,8 @@ from .verify import VerifyReport, verify
 from .module_io import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
 from .style_base import ParallelStyle
 from .styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
+from .packed import PackedLayout
+from .packed_styles import PackedColwiseParallel, PackedRowwiseParallel
 
 __all__ = [
     # layers and their functional core
@@ -27,6 +29,7 @@ __all__ = [
     "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles",
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
+    "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts",
     # 2-D composition and the reference verifier
     "parallelize_2d", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport", "check_replicas",
     "ReplicaMismatch",

@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from .linear_forward import ColumnForward, RowForward
 from .mesh import tp_submesh
+from .packed import PackedLayout, PackedOutput, mark_packed, resolve_blocks
 from .params import broadcast_from, local_slice, shard_parameter
 from .replicas import check_replicas
 
@@ -65,12 +66,16 @@ class _ParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device_mesh: DeviceMesh | None = None, master_weight: torch.Tensor | None = None,
-                 use_local_output: bool = True, device=None, dtype=None, validate: bool = False):
+                 use_local_output: bool = True, device=None, dtype=None, validate: bool = False, blocks=None):
         super().__init__()
         name = type(self).__name__
         _check_features(name, in_features, out_features)
         self.in_features, self.out_features = in_features, out_features
         self.device_mesh = tp_submesh(device_mesh, name)
+        self._packed = None  # a PackedLayout when the output features are packed blocks (ColumnParallelLinear(blocks=))
+        if blocks is not None:
+            sizes = resolve_blocks(blocks, out_features, self.device_mesh.size(), f"{name}(blocks=...)")
+            self._packed = PackedLayout(sizes, 0, self.device_mesh.size())
         self.use_local_output = use_local_output
         if master_weight is not None:
             master_weight = _check_master_weight(name, master_weight, out_features, in_features)
@@ -82,8 +87,11 @@ class _ParallelLinear(nn.Module):
             full_b = torch.zeros(out_features, device=device, dtype=dtype) if bias else None
         else:
             full_w, full_b = _draw_like_linear(out_features, in_features, bias, device, dtype)
-        self.weight = shard_parameter(full_w, self.device_mesh, self.weight_placement)
-        self.bias = shard_parameter(full_b, self.device_mesh, self.bias_placement) if bias else None
+        self.weight = shard_parameter(self._arrange(full_w), self.device_mesh, self.weight_placement)
+        self.bias = shard_parameter(self._arrange(full_b), self.device_mesh, self.bias_placement) if bias else None
+        if self._packed is not None:
+            for param_name in ("weight", "bias") if bias else ("weight",):
+                mark_packed(self, param_name, self._packed)
         self._validate = validate  # checked once the subclass is built (dtp.check_replicas, one all_gather_object)
 
     @classmethod
@@ -111,11 +119,15 @@ class _ParallelLinear(nn.Module):
             layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
+    def _arrange(self, full):
+        """A full tensor in the order its Shard(0) splits: the packed order for packed blocks, else itself."""
+        return full if self._packed is None or full is None else self._packed.pack(full)
+
     @torch.no_grad()
     def load_full_bias_(self, full_bias: torch.Tensor) -> None:
         """Copy this rank's slice of a full (out_features,) bias into the parameter."""
         mesh = self.device_mesh
-        self.bias._local_tensor.copy_(local_slice(full_bias.detach(), self.bias_placement, mesh.size(),
+        self.bias._local_tensor.copy_(local_slice(self._arrange(full_bias.detach()), self.bias_placement, mesh.size(),
                                                   mesh.get_local_rank()))
 
     @torch.no_grad()
@@ -124,7 +136,7 @@ class _ParallelLinear(nn.Module):
         w = self.weight._local_tensor
         full_w, full_b = _draw_like_linear(self.out_features, self.in_features, self.bias is not None, w.device, w.dtype)
         mesh = self.device_mesh
-        w.copy_(local_slice(full_w, self.weight_placement, mesh.size(), mesh.get_local_rank()))
+        w.copy_(local_slice(self._arrange(full_w), self.weight_placement, mesh.size(), mesh.get_local_rank()))
         if full_b is not None:
             self.load_full_bias_(full_b)
 
@@ -139,19 +151,30 @@ class ColumnParallelLinear(_ParallelLinear):
     `input_layout=Shard(1)` (sequence parallel) all-gathers X in the forward and reduce-scatters
     dX in the backward instead.  With `gather_output=False` the output stays sharded on its last
     dim (no collective), ready for a RowParallelLinear.
+
+    `blocks=` packs the output features (nanoGPT's c_attn = [q, k, v]: `blocks=3`; GQA: `blocks=(q, kv, kv)` sizes;
+    see dtp.packed): rank r holds W_r = cat_i chunk_r(W_i) and b likewise, so its output slice is [q_r, k_r, v_r]
+    with the same collectives; a gathered output is put back in block order locally.  `.weight` is then a Shard(0)
+    DTensor of the packed order; dtp.full_state_dict and checkpoints give and take the original layout.
     """
 
     weight_placement = Shard(0)
     bias_placement = Shard(0)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, gather_output: bool = True,
-                 input_layout: Placement | None = None, **kwargs):
-        super().__init__(in_features, out_features, bias, **kwargs)
+                 input_layout: Placement | None = None, blocks=None, **kwargs):
+        if blocks is not None and not gather_output and not kwargs.get("use_local_output", True):
+            raise ValueError("ColumnParallelLinear: blocks= with gather_output=False and use_local_output=False cannot "
+                             "be honoured: the packed local output [q_r, k_r, v_r] is no torch placement of the full "
+                             "output (use use_local_output=True, or gather_output=True)")
+        super().__init__(in_features, out_features, bias, blocks=blocks, **kwargs)
         self.gather_output = gather_output
         self.input_layout = input_layout or Replicate()
         self._forward = ColumnForward(self.device_mesh, in_features, out_features, input_layout=self.input_layout,
                                       output_layout=Replicate() if gather_output else Shard(-1),
                                       use_local_output=self.use_local_output, name=type(self).__name__)
+        if self._packed is not None and gather_output:
+            self._forward = PackedOutput(self._forward, self._packed)
         if self._validate:
             check_replicas(self)
 
@@ -159,7 +182,8 @@ class ColumnParallelLinear(_ParallelLinear):
         return self._forward(x, self.weight, self.bias)
 
     def _layout_repr(self) -> str:
-        return f"input_layout={self.input_layout}, gather_output={self.gather_output}"
+        packed = f", blocks={list(self._packed.blocks)}" if self._packed is not None else ""
+        return f"input_layout={self.input_layout}, gather_output={self.gather_output}{packed}"
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -174,6 +198,9 @@ class RowParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, input_is_parallel: bool = False,
                  output_layout: Placement | None = None, **kwargs):
+        if kwargs.get("blocks") is not None:
+            raise TypeError("RowParallelLinear: blocks= is not supported (packed input features): use "
+                            "dtp.PackedRowwiseParallel(blocks=...) in a plan")
         super().__init__(in_features, out_features, bias, **kwargs)
         self.input_is_parallel = input_is_parallel
         self.output_layout = output_layout or Replicate()

@@ -17,12 +17,12 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 from .heads import HEAD_ATTRIBUTES, check_whole_heads
 from .hf_plans import ShardParameter, hf_parameter_placement, hf_style
 from .mesh import tp_submesh
-from .params import broadcast_from, shard_parameter
+from .params import broadcast_from
 from .replicas import check_replicas
 from .replicated_params import replicate_remaining_
 from .style_base import ParallelStyle
@@ -58,7 +58,8 @@ def _check_heads(model: nn.Module, path: str, style, target: nn.Module, tp: int,
     parent = model.get_submodule(parent_path)
     if any(hasattr(parent, a) for a in HEAD_ATTRIBUTES + ("head_dim",)):
         features = target.out_features if isinstance(style, ColwiseParallel) else target.in_features
-        check_whole_heads(parent, parent_path, features, tp, where)
+        for part in style.block_sizes(target, tp) if hasattr(style, "block_sizes") else (features,):  # packed: per block
+            check_whole_heads(parent, parent_path, part, tp, where)
 
 
 def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | None = None, *,
@@ -93,7 +94,7 @@ def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | 
                 raise ValueError(f"module {path!r} is matched by two plan entries, {chosen[path][0]!r} and {pattern!r}")
             if param_hits:
                 style = ShardParameter(hf_parameter_placement(value, path, params[path].dim(), where), value)
-                _check_parameter(params[path], style, mesh, where)
+                style.check(params[path], mesh, where)
             else:
                 style = _as_style(value, where)
                 target = module.get_submodule(path)
@@ -101,13 +102,6 @@ def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | 
                 _check_heads(module, path, style, target, mesh.size(), where)
             chosen[path] = (pattern, style)
     return {path: style for path, (_, style) in chosen.items()}
-
-
-def _check_parameter(param, style: ShardParameter, mesh: DeviceMesh, where: str) -> None:
-    if isinstance(param, DTensor) and (param.device_mesh != mesh
-                                       or param.placements not in ((Replicate(),), (style.placement,))):
-        raise ValueError(f"{where}: the parameter is already a DTensor {list(param.placements)} on "
-                         f"{param.device_mesh}; the plan splits it as {style.placement!r} on {mesh}")
 
 
 def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None, parallelize_plan=None, *,
@@ -142,8 +136,7 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
     for path, style in todo.items():
         if isinstance(style, ShardParameter):
             owner_path, _, name = path.rpartition(".")
-            owner = module.get_submodule(owner_path)
-            owner._parameters[name] = shard_parameter(owner._parameters[name], mesh, style.placement, what=path)
+            style.shard(module.get_submodule(owner_path), name, mesh, path)
             continue
         if isinstance(style, TorchStyle):
             style.style.src_data_rank = src_data_rank

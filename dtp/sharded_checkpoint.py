@@ -9,6 +9,9 @@ Strict: everything is checked on every rank before anything loads, and a mismatc
 `CheckpointMismatch` (an ordinary ValueError) naming the first differing keys: model keys the
 checkpoint lacks, checkpoint keys the model lacks (allowed and reported with strict=False), an
 optimizer whose state the checkpoint does not hold or holds for another optimizer.
+
+Packed projections (dtp.packed) are saved in their original layout and loaded into any packed layout
+(dtp.packed_state): a checkpoint saved at tp 2 loads at tp 4, at tp 1 or into a model never parallelized.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import shutil
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .checkpoint import packed_layouts
+from .packed_state import to_original_layout, to_packed_layout
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "CheckpointMismatch", "CheckpointError"]
 
@@ -88,7 +94,9 @@ def save_checkpoint(path: str, model: nn.Module, optimizer=None) -> None:
         _recover(path)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path + ".partial")  # ends with DCP's barrier
+    # packed projections are saved in their original layout (dtp.packed_state)
+    state, _ = to_original_layout({"model": model_sd, "optim": optim_sd}, packed_layouts(model))
+    dcp.save(state, checkpoint_id=path + ".partial")  # ends with DCP's barrier
     failure = ""
     if _is_rank0():
         try:
@@ -176,6 +184,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, *, strict: bool
     found = resolve_checkpoint(path)
     skipped = _check_loadable(path, found, model_sd, optim_sd, optimizer, strict)
     state = {"model": _detached_copy(model_sd), "optim": _detached_copy(optim_sd)}
+    state, replaced = to_original_layout(state, packed_layouts(model), empty=True)  # read packed projections as saved
     try:
         dcp.load(state, checkpoint_id=found)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException: hand on an ordinary one
@@ -183,6 +192,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer=None, *, strict: bool
             raise
         causes = [f"rank {r}: {type(e).__name__}: {e}" for r, e in getattr(exc, "failures", {}).items()]
         raise CheckpointError(f"load_checkpoint: DCP failed reading {found}: " + " | ".join(causes)) from exc
+    to_packed_layout(state, replaced)
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     return skipped

@@ -29,6 +29,8 @@ def test_every_string_means_what_transformers_registers():
         "sequence_parallel": dtp.SequenceParallel(use_local_output=True), "replicate": dtp.ReplicateParallel(),
         "local_params": dtp.ReplicateParallel(), "replicated_with_grad_allreduce": dtp.ReplicateParallel(grad_all_reduce=True),
         "all_reduce": dtp.PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate()),
+        # transformers: PackedColwiseParallel() / PackedRowwiseParallel(), split_factor=2
+        "packed_colwise": dtp.PackedColwiseParallel(blocks=2), "packed_rowwise": dtp.PackedRowwiseParallel(blocks=2),
     }
     assert {name: make() for name, make in HF_STYLES.items()} == expected
     assert hf_parameter_placement("colwise", "attn.sinks", 1, "") == Shard(0)
@@ -36,6 +38,9 @@ def test_every_string_means_what_transformers_registers():
     assert hf_parameter_placement("rowwise", "o_proj.bias", 1, "") == Replicate()
     assert hf_parameter_placement("rowwise", "o_proj.weight", 2, "") == Shard(1)
     assert hf_parameter_placement("embedding_colwise", "e.weight", 2, "") == Shard(1)
+    assert hf_parameter_placement("packed_colwise", "experts.gate_up_proj", 3, "") == Shard(1)  # by 2 blocks
+    assert hf_parameter_placement("packed_rowwise", "experts.gate_up_proj", 3, "") == Shard(2)  # by 2 blocks
+    assert hf_parameter_placement("packed_rowwise", "experts.bias", 1, "") == Replicate()
 
 
 class SinkAttention(nn.Module):
