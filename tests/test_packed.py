@@ -309,3 +309,46 @@ def _with_param(value):
 def test_errors_on_every_rank(pools):
     per_rank = pools.run(4, case_errors)
     assert all(messages == per_rank[0] for messages in per_rank)
+
+
+def case_sequence_parallel_meta_and_2d(path):
+    """A sequence-sharded input; a model built on meta, then loaded; TP x FSDP2 (dp 2 x tp 2): its full state dict and
+    a checkpoint it saves, loaded at tp 4, in the original layout."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    single = nn.Sequential(nn.Linear(8, 12))
+    model = copy.deepcopy(single)
+    dtp.parallelize_module(model, dtp.default_mesh(), {"0": dtp.PackedColwiseParallel(
+        blocks=3, input_layouts=Shard(1), output_layouts=Replicate())})
+    x = torch.randn(2, 2 * world, 8)
+    assert_close(model(x.chunk(world, 1)[rank]), single(x), "sequence-parallel input, gathered output")
+
+    torch.manual_seed(0)
+    single = GPT(GPTConfig())
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    dtp.parallelize_module(model, dtp.default_mesh(), gpt_plan(), src_data_rank=None)
+    model.to_empty(device="cpu")
+    dtp.load_full_state_dict(model, single.state_dict())
+    ids = torch.randint(0, single.cfg.vocab_size, (2, 9))
+    assert_close(model(ids), single(ids), "meta-built model, loaded")
+
+    model = copy.deepcopy(single)
+    dtp.parallelize_2d(model, dtp.init_mesh(dp=2, tp=2), gpt_plan(), fsdp_units=["transformer.h.*"])
+    for name, value in dtp.full_state_dict(model).items():
+        assert torch.equal(value, single.state_dict()[name]), name
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+    loss_of(model, ids)[1].backward()
+    opt.step()
+    dtp.save_checkpoint(path, model, opt)
+    saved = dtp.full_state_dict(model)
+    torch.manual_seed(9)
+    tp4 = GPT(GPTConfig())
+    dtp.parallelize_module(tp4, dtp.init_mesh(tp=4), gpt_plan())
+    dtp.load_checkpoint(path, tp4)
+    for name, value in dtp.full_state_dict(tp4).items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_sequence_parallel_meta_init_and_tp_x_fsdp(pools, tmp_path):
+    pools.run(4, case_sequence_parallel_meta_and_2d, str(tmp_path / "ckpt"))
