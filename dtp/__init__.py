@@ -7,7 +7,7 @@ from .functional import column_linear, row_linear
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .checkpoint import full_state_dict, load_full_state_dict, packed_layouts
 from .sharded_checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
-from .compose import clip_grad_norm_, parallelize_2d
+from .compose import clip_grad_norm_, fully_shard, parallelize_2d
 from .data_parallel import replicate_over
 from .loss import vocab_parallel_cross_entropy
 from .mesh import default_mesh, init_mesh
@@ -31,7 +31,7 @@ __all__ = [
     "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
     "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts",
     # 2-D composition and the reference verifier
-    "parallelize_2d", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport", "check_replicas",
+    "parallelize_2d", "fully_shard", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport", "check_replicas",
     "ReplicaMismatch",
     # checkpoints
     "full_state_dict", "load_full_state_dict", "save_checkpoint", "load_checkpoint", "CheckpointMismatch",

@@ -17,6 +17,11 @@ from torch.distributed.device_mesh import DeviceMesh
 # torch >= 2.13 renamed the single-tensor gather / scatter (the old names warn on every call)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+try:  # torch >= 2.13: a DTensor made in eager after a compile may carry a traced (fake-wrapped) mesh
+    from torch._library.fake_class_registry import maybe_unwrap_fake_script_object as _real_mesh
+except ImportError:  # older torch never wraps meshes
+    def _real_mesh(mesh):
+        return mesh
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 __all__ = ["AxisGroup", "axis_of", "group_is_alive", "chunk_sizes", "chunk_offset", "Pending",
@@ -43,6 +48,9 @@ class AxisGroup:
     size: int
     rank: int
 
+    def __deepcopy__(self, memo) -> "AxisGroup":
+        return self  # a handle on live process groups, shared, never copied (Dynamo deep-copies DTensor specs)
+
     @classmethod
     def of(cls, mesh: DeviceMesh) -> "AxisGroup":
         """The (only) axis of a 1-D mesh."""
@@ -57,6 +65,7 @@ def group_is_alive(group) -> bool:
 def axis_of(mesh: DeviceMesh) -> AxisGroup:
     """The collective group of a 1-D tensor-parallel mesh, cached on the mesh object itself and only while its group
     lives: meshes compare equal across a destroy / init of the process group, their groups do not."""
+    mesh = _real_mesh(mesh)  # as torch's own collectives unwrap it
     axis = getattr(mesh, "_dtp_axis", None)
     if axis is None or not group_is_alive(axis.group):
         axis = AxisGroup.of(mesh)

@@ -9,10 +9,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from .collectives import axis_of, chunk_offset, chunk_sizes
-from .functional import wrap_output
+from .functional import dtensor_forward, wrap_output
 from .mesh import tp_submesh
 from .params import shard_parameter
 from .regions import gather_from, reduce_from, sequence_scatter
+from .traceable import is_compiling
 from .views import to_local
 
 __all__ = ["vocab_parallel_embedding", "column_embedding", "VocabParallelEmbedding", "check_ids", "replicated_ids"]
@@ -54,10 +55,15 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
     forward all-reduce (Replicate) or reduce-scatter onto dim d (Shard(d)), backward none (all-gather if scattered)."""
     ids = _replicated_ids(ids, "vocab_parallel_embedding")
     mesh = weight.device_mesh
-    axis = axis_of(mesh)
     vocab, dim = weight.shape
-    check_ids(ids, vocab, "vocab_parallel_embedding")
-    start, rows = chunk_offset(vocab, axis.size, axis.rank), chunk_sizes(vocab, axis.size)[axis.rank]
+    traced = is_compiling()
+    if traced:  # no data-dependent id check in a graph (torch has none either)
+        world, rank = mesh.size(), mesh.get_coordinate()[0]  # get_local_rank is not traceable on torch 2.7
+    else:
+        axis = axis_of(mesh)
+        world, rank = axis.size, axis.rank
+        check_ids(ids, vocab, "vocab_parallel_embedding")
+    start, rows = chunk_offset(vocab, world, rank), chunk_sizes(vocab, world)[rank]
     w = to_local(weight)
     local_ids = ids - start
     outside = (local_ids < 0) | (local_ids >= rows)
@@ -68,17 +74,21 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
         partial = F.embedding(local_ids.masked_fill(outside, 0), w, padding_idx=own_pad)
         partial = partial.masked_fill(outside.unsqueeze(-1), 0)
     layout = output_layout or Replicate()
+    if not isinstance(layout, (Replicate, Shard, Partial)):
+        raise ValueError(f"vocab_parallel_embedding: output_layout must be Replicate(), Shard(d) or Partial(), "
+                         f"got {output_layout!r}")
+    if traced:  # the partial sums reduced by DTensor's functional collectives; the weight keeps a Shard(0) gradient
+        y = wrap_output(partial, mesh, Partial(), partial.shape)
+        y = y if isinstance(layout, Partial) else y.redistribute(mesh, [layout])
+        return y.to_local() if use_local_output else y
     if isinstance(layout, Replicate):
         y = reduce_from(partial, axis)
     elif isinstance(layout, Shard):  # any dim, the hidden one included (1-D ids: Shard(1) is the hidden dim)
         dim = layout.dim % partial.dim()
         y = sequence_scatter(partial, dim, chunk_sizes(partial.shape[dim], axis.size), axis)
         layout = Shard(dim)
-    elif isinstance(layout, Partial):  # left for the caller to reduce
+    else:  # Partial: left for the caller to reduce
         y = partial
-    else:
-        raise ValueError(f"vocab_parallel_embedding: output_layout must be Replicate(), Shard(d) or Partial(), "
-                         f"got {output_layout!r}")
     return y if use_local_output else wrap_output(y, mesh, layout, partial.shape)
 
 
@@ -86,8 +96,11 @@ def column_embedding(ids, weight: DTensor, *, padding_idx: int | None = None, ga
                      use_local_output: bool = True):
     """Y = E[ids] with E split by embedding dim (Shard(1)); forward all-gather if gather_output, else none."""
     ids = _replicated_ids(ids, "column_embedding")
-    check_ids(ids, weight.shape[0], "column_embedding")
     mesh = weight.device_mesh
+    if is_compiling():  # traced: DTensor's embedding and functional collectives (torch's semantics)
+        return dtensor_forward(lambda t: F.embedding(t, weight, padding_idx), ids, mesh, Replicate(), Replicate(),
+                               Replicate() if gather_output else Shard(-1), use_local_output)
+    check_ids(ids, weight.shape[0], "column_embedding")
     axis = axis_of(mesh)
     y = F.embedding(ids, to_local(weight), padding_idx=padding_idx)
     dim = weight.shape[1]

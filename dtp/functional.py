@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from .collectives import axis_of, chunk_sizes
 from .linear_autograd import PARTIAL_GRAD, ColumnLinearFn, RowLinearFn
+from .traceable import is_compiling
 from .views import from_local, to_local
 
 __all__ = ["column_linear", "row_linear", "as_local", "wrap_output", "dtensor_forward", "is_last_dim"]
@@ -50,11 +51,12 @@ def _is_sequence_or_replicate(p: Placement, ndim: int) -> bool:
 
 
 def dtensor_forward(fn: Callable, x, mesh: DeviceMesh, input_layout: Placement, desired: Placement,
-                    output_layout: Placement | None, use_local_output: bool):
-    """torch's TP semantics: x (declared input_layout if plain) redistributed to `desired`, y = fn(x) on DTensors,
-    y redistributed to output_layout; the collectives are DTensor's own."""
+                    output_layout: Placement | None, use_local_output: bool, global_shape=None):
+    """torch's TP semantics: x (declared input_layout if plain; of global_shape, or an even shard) redistributed to
+    `desired`, y = fn(x) on DTensors, y redistributed to output_layout; the collectives are DTensor's own."""
     if not isinstance(x, DTensor):
-        x = DTensor.from_local(x, mesh, [input_layout], run_check=False)
+        x = (from_local(x, mesh, input_layout, global_shape) if global_shape is not None
+             else DTensor.from_local(x, mesh, [input_layout], run_check=False))
     if x.placements != (desired,):
         x = x.redistribute(mesh, [desired])
     y = fn(x)
@@ -82,7 +84,6 @@ def column_linear(x, weight: DTensor, bias: DTensor | None = None, *, gather_out
     Replicate if gather_output, else Shard(-1)) and input layouts beyond these go through DTensor.
     """
     mesh = weight.device_mesh
-    axis = axis_of(mesh)
     in_features, out_features = weight.shape[1], weight.shape[0]
     out_layout = output_layout if output_layout is not None else (Replicate() if gather_output else Shard(-1))
     if not isinstance(x, torch.Tensor):
@@ -92,10 +93,14 @@ def column_linear(x, weight: DTensor, bias: DTensor | None = None, *, gather_out
     if x.shape[-1] != in_features:
         raise _width_error(name, x.shape[-1], in_features, in_features, "the full input")
     gather = isinstance(out_layout, Replicate)
+    if is_compiling():  # traced: DTensor's ops and functional collectives (dtp.traceable), same math
+        return dtensor_forward(lambda t: F.linear(t, weight, bias), x, mesh, declared, Replicate(), out_layout,
+                               use_local_output)
     if not (_is_sequence_or_replicate(declared, ndim) and (gather or is_last_dim(out_layout, ndim))
             and (not isinstance(x, DTensor) or x.device_mesh.ndim == 1)):
         return dtensor_forward(lambda t: F.linear(t, weight, bias), x, mesh, declared, Replicate(), out_layout,
                                use_local_output)
+    axis = axis_of(mesh)
     in_dim = in_sizes = None
     if isinstance(x, DTensor) and isinstance(declared, Replicate):
         # Its owner reduces the gradient (DTensor Partial -> Replicate), once for all its consumers.
@@ -125,7 +130,6 @@ def row_linear(x, weight: DTensor, bias: DTensor | None = None, *, input_is_para
     Partial) go through DTensor.
     """
     mesh = weight.device_mesh
-    axis = axis_of(mesh)
     in_features = weight.shape[1]
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: input must be a torch.Tensor or DTensor, got {type(x).__name__}")
@@ -142,6 +146,11 @@ def row_linear(x, weight: DTensor, bias: DTensor | None = None, *, input_is_para
             raise _width_error(name, x.shape[-1], in_features, in_features, "the full (global) input")
         return dtensor_forward(lambda t: F.linear(t, weight, bias), x, mesh, declared, Shard(ndim - 1), out_layout,
                                use_local_output)
+    if is_compiling():  # traced: DTensor's ops and functional collectives (dtp.traceable), same math
+        shape = None if isinstance(x, DTensor) or not is_last_dim(declared, ndim) else x.shape[:-1] + (in_features,)
+        return dtensor_forward(lambda t: F.linear(t, weight, bias), x, mesh, declared, Shard(ndim - 1), out_layout,
+                               use_local_output, global_shape=shape)
+    axis = axis_of(mesh)
     x, _, _ = as_local(x, name)
     split_input = isinstance(declared, Replicate)
     in_sizes = chunk_sizes(in_features, axis.size)

@@ -15,6 +15,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 from .collectives import axis_of, chunk_sizes
 from .functional import column_linear, row_linear
 from .linear_autograd import ColumnLinearFn, RowLinearFn
+from .traceable import is_compiling
 
 __all__ = ["ColumnForward", "RowForward"]
 
@@ -35,7 +36,7 @@ class ColumnForward:
                      and (gather or output_layout in (Shard(-1),)))
 
     def __call__(self, x, weight, bias):
-        if self.fast and type(x) is torch.Tensor and x.shape[-1] == self.in_features:
+        if self.fast and type(x) is torch.Tensor and x.shape[-1] == self.in_features and not is_compiling():
             return ColumnLinearFn.apply(x, weight, bias, self.axis, None, None, self.out_sizes)
         return column_linear(x, weight, bias, **self.options)
 
@@ -56,6 +57,6 @@ class RowForward:
                      and (self.split_input or input_layout == Shard(-1)))
 
     def __call__(self, x, weight, bias):
-        if self.fast and type(x) is torch.Tensor and x.shape[-1] == self.expected:
+        if self.fast and type(x) is torch.Tensor and x.shape[-1] == self.expected and not is_compiling():
             return RowLinearFn.apply(x, weight, bias, self.axis, self.in_sizes, self.split_input, None)
         return row_linear(x, weight, bias, **self.options)  # also the clear error for a wrong input width

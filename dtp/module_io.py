@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from .collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
 from .params import same_placement
 from .style_base import ParallelStyle
+from .traceable import is_compiling
 from .views import from_local, spec_of, to_local
 
 __all__ = ["PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput", "prepare_value"]
@@ -67,7 +68,7 @@ def prepare_value(value, mesh, declared: Placement | None, desired: Placement | 
         return value
     actual = value.placements[-1] if isinstance(value, DTensor) and value.device_mesh.ndim == 1 else declared
     if (isinstance(actual, Shard) and isinstance(desired, Replicate) and isinstance(value, torch.Tensor)
-            and mesh.ndim == 1 and (not isinstance(value, DTensor) or value.device_mesh == mesh)):
+            and mesh.ndim == 1 and (not isinstance(value, DTensor) or value.device_mesh == mesh) and not is_compiling()):
         dt = _gather_sequence(value, mesh, actual.dim % value.dim())
         return to_local(dt) if use_local else dt
     if isinstance(value, DTensor):

@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
 from .params import shard_parameter
+from .traceable import is_compiling, module_forward_on_dtensors
 from .views import to_local
 
 __all__ = ["replicate_own_", "replicate_parameters_", "local_parameters", "local_forward", "replicate_remaining_"]
@@ -61,6 +62,9 @@ def local_forward(module: nn.Module, args, kwargs, read_local=to_local):
     default), on DTensor inputs it runs on DTensors (DTensor semantics)."""
     if _has_dtensor(args) or _has_dtensor(kwargs.values()):
         return type(module).forward(module, *args, **kwargs)
+    if is_compiling() and read_local is to_local:  # traced: on replicated DTensors (no collective), local out
+        mesh = next(p.device_mesh for p in module._parameters.values() if isinstance(p, DTensor))
+        return module_forward_on_dtensors(module, mesh, args, kwargs)
     with local_parameters(module, read_local, recurse=False):
         return type(module).forward(module, *args, **kwargs)
 

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 
 from .functional import wrap_output
 from .replicated_params import local_parameters
+from .traceable import is_compiling, module_forward_on_dtensors
 from .views import to_local
 
 __all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forward"]
@@ -48,6 +49,11 @@ def sequence_parallel_forward(module: nn.Module, x, *args, **kwargs):
     """Forward of a module under SequenceParallel: local math on the sequence shard, no activation collective."""
     style = module._dtp_style
     mesh = module._dtp_mesh
+    if is_compiling():  # traced: the module's forward on the Shard(seq) DTensor, as torch's SequenceParallel runs it
+        seq = Shard(style.sequence_dim % x.dim())
+        if isinstance(x, DTensor) and x.placements != (seq,):
+            x = x.redistribute(mesh, [seq])
+        return module_forward_on_dtensors(module, mesh, (x,) + args, kwargs, seq, style.use_local_output)
     x_local, global_shape = sequence_shard_of(x, mesh, style.sequence_dim, f"SequenceParallel({module._dtp_path!r})")
     y = run_on_sequence_shard(module, x_local, args, kwargs)
     if style.use_local_output or not isinstance(y, torch.Tensor):

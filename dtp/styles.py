@@ -32,6 +32,7 @@ from .regions import replicated_local
 from .replicated_params import local_forward, replicate_own_, replicate_parameters_
 from .sequence import sequence_parallel_forward
 from .style_base import ParallelStyle
+from .traceable import is_compiling, replicated_grad_local
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel", "ReplicateParallel"]
 
@@ -227,6 +228,8 @@ def _vocab_embedding_forward(self, ids):
 
 def _replicate_forward(self, *args, **kwargs):
     if self._dtp_style.grad_all_reduce:
+        if is_compiling():
+            return local_forward(self, args, kwargs, replicated_grad_local)
         axis = axis_of(self._dtp_mesh)
         return local_forward(self, args, kwargs, lambda p: replicated_local(p, axis))
     return local_forward(self, args, kwargs)

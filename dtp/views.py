@@ -16,6 +16,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .collectives import all_reduce, axis_of
 from .params import contiguous_stride
+from .traceable import is_compiling
 
 __all__ = ["to_local", "from_local", "spec_of"]
 
@@ -59,6 +60,8 @@ class _FromLocal(torch.autograd.Function):
 
 def to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tensor:
     """x's local tensor; its gradient comes back as a DTensor laid out as grad_placement (default: x's own)."""
+    if is_compiling():  # DTensor's own (traceable) conversion, same semantics
+        return x.to_local(grad_placements=None if grad_placement is None else (grad_placement,))
     spec = x._spec
     if grad_placement is not None and (grad_placement,) != spec.placements:
         spec = DTensorSpec(spec.mesh, (grad_placement,), spec.tensor_meta)
@@ -68,4 +71,8 @@ def to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tenso
 def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
     """A DTensor over this rank's local tensor (no communication); backward returns the local gradient, reducing
     a Partial one to the Replicate placement declared here (one all-reduce)."""
+    if is_compiling():  # DTensor's own (traceable) conversion: its backward redistributes as _FromLocal does
+        shape = torch.Size(global_shape)
+        return DTensor.from_local(local, mesh, (placement,), run_check=False, shape=shape,
+                                  stride=contiguous_stride(shape))
     return _FromLocal.apply(local, spec_of(mesh, placement, global_shape, local.dtype), axis_of(mesh))
