@@ -77,7 +77,23 @@ def _llama_variants(shape: dict, device: torch.device, mesh):
     return x, variants, plan_ms
 
 
-def _models(shape: dict, device: torch.device):
+def _compiled(variants: dict, plan_ms: dict, fresh) -> None:
+    """Add torch.compile(fullgraph=True) (inductor) copies of dtp and torch TP, each parallelized afresh by fresh(name);
+    their compile time (the first forward + backward) is measured during warm-up: each compiles from scratch (no
+    FX-graph / autograd cache hit from the other's identical graphs) after a throw-away compile has loaded inductor."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        functorch_config.enable_autograd_cache = False
+    torch.compile(lambda t: (t * 2).sum())(torch.ones(2, requires_grad=True)).backward()
+    for name in ("dtp", "torch"):
+        variants[f"{name}_compiled"] = torch.compile(fresh(name), fullgraph=True)
+        plan_ms[f"{name}_compiled"] = 0.0
+
+
+def _models(shape: dict, device: torch.device, compile_: bool = False):
     """(input batch, {variant: model}, {variant: ms to parallelize}) for one shape, all from one seed."""
     import dtp
 
@@ -87,7 +103,13 @@ def _models(shape: dict, device: torch.device):
     # DTensor's first op imports its fake-tensor machinery (~0.7 s, once per process): not a plan's cost
     DTensor.from_local(torch.zeros(1, device=device), mesh, [Replicate()], run_check=False).detach()
     if shape["kind"] == "llama":
-        return _llama_variants(shape, device, mesh)
+        x, variants, plan_ms = _llama_variants(shape, device, mesh)
+        if compile_:
+            from examples.llama import apply_tp
+            single, tp = variants["single"], dict(loss_parallel=False, enable_sp=shape["sp"])
+            _compiled(variants, plan_ms, lambda name: apply_tp(copy.deepcopy(single), mesh, **tp,
+                                                               styles=dtp if name == "dtp" else torch_tp))
+        return x, variants, plan_ms
     if shape["kind"] == "mlp":
         single = nn.Sequential(nn.Linear(shape["dim"], shape["hidden"]), nn.GELU(),
                                nn.Linear(shape["hidden"], shape["dim"])).to(device)
@@ -105,7 +127,11 @@ def _models(shape: dict, device: torch.device):
         _timed(lambda: torch_tp.parallelize_module(copy.deepcopy(single), mesh, plan(torch_tp))))
     _, plan_local = _timed(lambda: parallelize_module(copy.deepcopy(single), mesh, plan(dtp), src_data_rank=None))
     variants = {"dtp": ours, "torch": theirs, "hand": hand(copy.deepcopy(single)), "single": single}
-    return x, variants, {"dtp": plan_dtp, "dtp_local": plan_local, "torch": plan_torch}
+    plan_ms = {"dtp": plan_dtp, "dtp_local": plan_local, "torch": plan_torch}
+    if compile_:
+        _compiled(variants, plan_ms, lambda name: (parallelize_module if name == "dtp" else torch_tp.parallelize_module)(
+            copy.deepcopy(single), mesh, plan(dtp if name == "dtp" else torch_tp)))
+    return x, variants, plan_ms
 
 
 def _step(model, x, opt):
@@ -145,20 +171,22 @@ def _profile(variants: dict, x, opts: dict, steps: int, top: int = 12) -> dict:
 
 
 def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optimizer: bool = False,
-               profile: bool = False) -> dict:
+               profile: bool = False, compile_: bool = False) -> dict:
     """Run on every rank: interleaved timing of the variants; returns rank 0's medians and spreads (ms/step)."""
     torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     shape = SHAPES[shape_name]
     rounds = rounds or shape["rounds"]
-    x, variants, plan_ms = _models(shape, device)
+    x, variants, plan_ms = _models(shape, device, compile_)
     opts = {name: (torch.optim.AdamW(m.parameters(), lr=1e-4) if optimizer else None) for name, m in variants.items()}
     times = {name: [] for name in variants}
     rank0 = dist.get_rank() == 0
     for name, model in variants.items():  # warm-up, in the same order
         if name != "single" or rank0:
-            for _ in range(3):
-                _step(model, x, opts[name])
+            for i in range(3):
+                _, ms = _timed(lambda: _step(model, x, opts[name]))
+                if i == 0 and name.endswith("_compiled"):  # the first step traces and compiles
+                    plan_ms[name] = ms
         _sync(device)
     order = list(variants)
     for round_ in range(rounds):
@@ -196,6 +224,8 @@ def _row(shape: str, world: int, backend: str, r: dict) -> dict:
             "dtp_over_hand": round(med["dtp"] / hand, 3) if hand else None,
             "speedup_vs_single": round(med["single"] / med["dtp"], 3),
             **{f"plan_{k}_ms": round(v, 1) for k, v in r["plan_ms"].items()},
+            **({"compiled_dtp_over_torch": round(med["dtp_compiled"] / med["torch_compiled"], 3),
+                "compiled_over_eager_dtp": round(med["dtp_compiled"] / med["dtp"], 3)} if "dtp_compiled" in med else {}),
             "dtp_param_mib_per_rank": round(r["param_mib"]["dtp"], 3),
             "single_param_mib": round(r["param_mib"]["single"], 3), "peak_mib_per_rank": round(r["peak_mib"], 1)}
 
@@ -214,6 +244,17 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
+def _compiled_table(rows) -> str:
+    lines = ["| shape | ws | dtp eager ms | dtp compiled ms | torch compiled ms | torch eager ms | compiled dtp/torch | "
+             "dtp compiled/eager | compile s dtp / torch |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['world_size']} | {r['dtp_ms']:.3f} | {r['dtp_compiled_ms']:.3f} | "
+                     f"{r['torch_compiled_ms']:.3f} | {r['torch_ms']:.3f} | {r['compiled_dtp_over_torch']:.2f} | "
+                     f"{r['compiled_over_eager_dtp']:.2f} | {r['plan_dtp_compiled_ms'] / 1e3:.1f} / "
+                     f"{r['plan_torch_compiled_ms'] / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(prog="python -m dtp.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -223,13 +264,15 @@ def main(argv=None) -> list:
     parser.add_argument("--optimizer", action="store_true", help="include an AdamW step in each timed step")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print where each distributed variant's CPU time goes (torch.profiler)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile(fullgraph=True) dtp and torch TP variants (inductor) and their compile time")
     parser.add_argument("--json", help="also write the rows as JSON to this file ('-' for stdout)")
     args = parser.parse_args(argv)
     rows = []
     for world in args.world_sizes:
         for shape in args.shapes:
             result = run_on_ranks(bench_rank, world, shape, args.rounds, args.steps, args.optimizer, args.profile,
-                                  timeout=1800)[0]
+                                  args.compile, timeout=1800)[0]
             for variant, table in result["profile"].items():
                 print(f"\n--- profile: {shape}, {world} ranks, {variant} (rank 0, self CPU time) ---\n{table}", flush=True)
             from .testing import pick_backend
@@ -238,6 +281,9 @@ def main(argv=None) -> list:
     print("\nmedian ms per step (forward + backward%s), rounds x %d steps, variants interleaved\n"
           % (" + AdamW" if args.optimizer else "", args.steps))
     print(_table(rows))
+    if args.compile:
+        print("\ncompiled (torch.compile fullgraph=True, inductor) vs eager, same run; compile s = first step\n")
+        print(_compiled_table(rows))
     if args.json:
         text = json.dumps(rows, indent=1)
         if args.json == "-":
