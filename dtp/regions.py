@@ -14,6 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .collectives import AxisGroup, all_gather, all_reduce, reduce_scatter
+from .param_grads import param_grad
 
 __all__ = ["reduce_from", "gather_from", "sequence_scatter", "replicated_local"]
 
@@ -64,8 +65,7 @@ class _ReplicatedLocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        grad = all_reduce(g, ctx.axis).wait()
-        return DTensor(grad, ctx.param._spec, requires_grad=False), None
+        return param_grad(all_reduce(g, ctx.axis).wait(), ctx.param._spec), None
 
 
 def reduce_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .collectives import all_reduce, axis_of
+from .param_grads import param_grad
 from .params import contiguous_stride
 from .traceable import is_compiling
 
@@ -30,12 +31,14 @@ def spec_of(mesh: DeviceMesh, placement: Placement, shape, dtype) -> DTensorSpec
 class _ToLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grad_spec):
-        ctx.grad_spec = grad_spec
+        ctx.grad_spec, ctx.leaf = grad_spec, x.is_leaf  # a parameter: its gradient goes to AccumulateGrad
         local = x._local_tensor
         return local.view_as(local)
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.leaf:
+            return param_grad(g, ctx.grad_spec), None
         return DTensor.__new__(DTensor, g.contiguous(), ctx.grad_spec, requires_grad=False), None
 
 

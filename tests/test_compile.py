@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) of dtp-parallelized models: one graph, no recompile on the next step, and the same
-outputs, input gradients and parameter gradients (values and placements) as the eager model within 1e-6 (fp32).
+outputs, input gradients and parameter gradients (values and placements) as the eager model within 1e-6 (fp32),
+packed projections included.
 
 Every model runs through AOTAutograd (the `aot_eager` backend: the forward and the backward graph are traced, the
 collectives are functional ones), the sequence-parallel Llama also through inductor."""
@@ -42,6 +43,12 @@ def _build(kind: str):
         return model, torch.randn(2, 5, 16)
     if kind == "shim":
         return _ShimMLP(), torch.randn(4, 16)
+    if kind == "packed-gqa":  # fused qkv_proj (unequal blocks) and gate_up_proj
+        from examples.nanogpt import GQAConfig, GQAModel, gqa_plan
+        cfg = GQAConfig(n_layers=1)
+        model = GQAModel(cfg)
+        dtp.parallelize_module(model, mesh, gqa_plan(cfg))
+        return model, torch.randint(0, cfg.vocab_size, (2, 8))
     if kind.startswith("gpt"):
         from examples.gpt import GPT, GPTConfig, tp_plan
         model = GPT(GPTConfig(n_layers=2))
@@ -96,7 +103,7 @@ def case_compiled(kind: str, backend: str):
     return counter.frame_count
 
 
-@pytest.mark.parametrize("kind", ["mlp", "shim", "gpt", "gpt-sp", "llama", "llama-sp"])
+@pytest.mark.parametrize("kind", ["mlp", "shim", "gpt", "gpt-sp", "llama", "llama-sp", "packed-gqa"])
 def test_one_graph_matches_eager(pools, kind):
     assert pools.run(2, case_compiled, kind, "aot_eager") == [1, 1]
 
