@@ -15,12 +15,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from .collectives import axis_of, chunk_sizes
-from .linear_autograd import PARTIAL_GRAD, ColumnLinearFn, RowLinearFn
+from .linear_autograd import ColumnLinearFn, RowLinearFn
 from .traceable import is_compiling
-from .views import from_local, to_local
+from .views import from_local, partial_spec, to_local
 
 __all__ = ["column_linear", "row_linear", "as_local", "wrap_output", "dtensor_forward", "is_last_dim"]
 
@@ -104,7 +104,8 @@ def column_linear(x, weight: DTensor, bias: DTensor | None = None, *, gather_out
     in_dim = in_sizes = None
     if isinstance(x, DTensor) and isinstance(declared, Replicate):
         # Its owner reduces the gradient (DTensor Partial -> Replicate), once for all its consumers.
-        x, placement, global_shape, in_dim = to_local(x, Partial()), Replicate(), None, PARTIAL_GRAD
+        in_dim = partial_spec(x._spec)  # read in place by the layer; dX comes back Partial
+        placement = global_shape = None
     else:
         x, placement, global_shape = as_local(x, name)
         placement = placement if placement is not None else declared

@@ -16,13 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from .collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
 from .param_grads import param_grad
 
-__all__ = ["ColumnLinearFn", "RowLinearFn", "PARTIAL_GRAD"]
-
-PARTIAL_GRAD = "partial"
+__all__ = ["ColumnLinearFn", "RowLinearFn"]
 
 
 def _grad_dtensor(local: torch.Tensor | None, param: DTensor):
@@ -54,8 +53,9 @@ def _autocast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
 class ColumnLinearFn(torch.autograd.Function):
     """Y = X Wᵀ + b, W Shard(0): fwd all-gather X (if sequence-sharded) and Y (if gathered); bwd one collective on dX.
 
-    in_dim: None = X replicated, dX all-reduced; PARTIAL_GRAD = X replicated, dX left partial for
-    the caller to reduce (a DTensor input: many layers' partial dX are summed first, reduced once);
+    in_dim: None = X replicated, dX all-reduced; a DTensor spec = X a replicated DTensor (read through
+    its local tensor), dX handed back as a DTensor with that (Partial) spec for X's owner to reduce:
+    many layers' partial dX are summed first, reduced once;
     an int = X sharded on that dim (sequence parallel), all-gathered, dX reduce-scattered.
     """
 
@@ -64,6 +64,8 @@ class ColumnLinearFn(torch.autograd.Function):
         w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
         b = None if bias is None else bias._local_tensor.detach()
         x_dtype = x.dtype
+        if isinstance(in_dim, DTensorSpec):  # a replicated DTensor input: its local tensor, no to_local node
+            x = x._local_tensor
         x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
         x_full, w, b = _autocast(x_full, w, b)
         y = F.linear(x_full, w, b)
@@ -88,7 +90,9 @@ class ColumnLinearFn(torch.autograd.Function):
             grad_x = g.matmul(w).to(x_dtype)  # this rank's share of dX: summed over the axis below
             if in_dim is None:
                 pending = all_reduce(grad_x, axis, inplace=True)
-            elif in_dim is not PARTIAL_GRAD:
+            elif isinstance(in_dim, DTensorSpec):  # partial: summed with other readers', reduced by X's owner
+                grad_x = DTensor.__new__(DTensor, grad_x, in_dim, requires_grad=False)
+            else:
                 pending = reduce_scatter(grad_x, in_dim, in_sizes, axis)
         grad_w, grad_b = _matmul_grads(g, x_full, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if pending is not None:

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from .params import shard_parameter
 from .traceable import is_compiling, module_forward_on_dtensors
-from .views import to_local
+from .views import to_local, to_locals
 
 __all__ = ["replicate_own_", "replicate_parameters_", "local_parameters", "local_forward", "replicate_remaining_"]
 
@@ -38,15 +38,17 @@ def replicate_parameters_(module: nn.Module, mesh: DeviceMesh) -> None:
 
 
 @contextmanager
-def local_parameters(module: nn.Module, to_local, recurse: bool = True):
-    """Within the block, module's DTensor parameters read as to_local(param) (differentiable local views)."""
-    swapped = []
+def local_parameters(module: nn.Module, read_local, recurse: bool = True):
+    """Within the block, module's DTensor parameters read as read_local(param) (differentiable local views; the
+    default to_local reads them all through one autograd node)."""
+    swapped = [(owner, name, param) for owner in (module.modules() if recurse else (module,))
+               for name, param in owner._parameters.items() if isinstance(param, DTensor)]
     try:
-        for owner in (module.modules() if recurse else (module,)):
-            for name, param in list(owner._parameters.items()):
-                if isinstance(param, DTensor):
-                    swapped.append((owner, name, param))
-                    owner._parameters[name] = to_local(param)
+        if swapped:
+            locals_ = (to_locals([p for _, _, p in swapped]) if read_local is to_local
+                       else [read_local(p) for _, _, p in swapped])
+            for (owner, name, _), local in zip(swapped, locals_):
+                owner._parameters[name] = local
         yield
     finally:
         for owner, name, param in swapped:

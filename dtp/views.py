@@ -19,13 +19,38 @@ from .param_grads import param_grad
 from .params import contiguous_stride
 from .traceable import is_compiling
 
-__all__ = ["to_local", "from_local", "spec_of"]
+__all__ = ["to_local", "to_locals", "from_local", "spec_of", "partial_spec"]
+
+
+_SPECS: dict = {}  # (id of mesh or spec, ...) -> (that object, spec): a DTensorSpec costs ~25 µs to build
+
+
+def _cached(owner, key: tuple, build) -> DTensorSpec:
+    hit = _SPECS.get(key)
+    if hit is not None and hit[0] is owner:  # the very object (ids are reused only after it died)
+        return hit[1]
+    if len(_SPECS) > 4096:
+        _SPECS.clear()
+    spec = build()
+    _SPECS[key] = (owner, spec)
+    return spec
 
 
 def spec_of(mesh: DeviceMesh, placement: Placement, shape, dtype) -> DTensorSpec:
-    """The DTensor spec of a contiguous tensor of global `shape` laid out as `placement` on a 1-D mesh."""
+    """The DTensor spec of a contiguous tensor of global `shape` laid out as `placement` on a 1-D mesh (cached)."""
     shape = torch.Size(shape)
-    return DTensorSpec(mesh, (placement,), TensorMeta(shape, contiguous_stride(shape), dtype))
+    return _cached(mesh, (id(mesh), placement, shape, dtype), lambda: DTensorSpec(
+        mesh, (placement,), TensorMeta(shape, contiguous_stride(shape), dtype)))
+
+
+def partial_spec(spec: DTensorSpec) -> DTensorSpec:
+    """spec with a Partial placement: how a gradient summed later over the mesh is laid out (cached)."""
+    return _with_placement(spec, Partial())
+
+
+def _with_placement(spec: DTensorSpec, placement: Placement) -> DTensorSpec:
+    """spec laid out as placement instead (cached per spec object)."""
+    return _cached(spec, (id(spec), placement), lambda: DTensorSpec(spec.mesh, (placement,), spec.tensor_meta))
 
 
 class _ToLocal(torch.autograd.Function):
@@ -40,6 +65,20 @@ class _ToLocal(torch.autograd.Function):
         if ctx.leaf:
             return param_grad(g, ctx.grad_spec), None
         return DTensor.__new__(DTensor, g.contiguous(), ctx.grad_spec, requires_grad=False), None
+
+
+class _ToLocals(torch.autograd.Function):
+    """Several DTensor parameters' local tensors in one autograd node; their gradients keep the parameters' specs."""
+
+    @staticmethod
+    def forward(ctx, *params):
+        ctx.set_materialize_grads(False)  # a parameter the forward never read keeps grad None
+        ctx.specs = [p._spec for p in params]
+        return tuple(p._local_tensor.view_as(p._local_tensor) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(param_grad(g, spec) for g, spec in zip(grads, ctx.specs))
 
 
 class _FromLocal(torch.autograd.Function):
@@ -67,8 +106,15 @@ def to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tenso
         return x.to_local(grad_placements=None if grad_placement is None else (grad_placement,))
     spec = x._spec
     if grad_placement is not None and (grad_placement,) != spec.placements:
-        spec = DTensorSpec(spec.mesh, (grad_placement,), spec.tensor_meta)
+        spec = _with_placement(spec, grad_placement)
     return _ToLocal.apply(x, spec)
+
+
+def to_locals(params) -> tuple:
+    """The local tensors of several DTensor parameters (one autograd node); gradients come back laid out as each."""
+    if is_compiling():
+        return tuple(p.to_local() for p in params)
+    return _ToLocals.apply(*params)
 
 
 def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
