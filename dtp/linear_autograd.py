@@ -85,6 +85,7 @@ class ColumnLinearFn(torch.autograd.Function):
             g = g.narrow(-1, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
         if g.dtype != w.dtype:
             g = g.to(w.dtype)
+        g = g.contiguous()  # once (a transposed head view's gradient): dX and dW then read it as free views
         pending = grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g.matmul(w).to(x_dtype)  # this rank's share of dX: summed over the axis below
@@ -136,6 +137,7 @@ class RowLinearFn(torch.autograd.Function):
             g = all_gather(g, out_dim, out_sizes, axis).wait()
         if g.dtype != w.dtype:
             g = g.to(w.dtype)
+        g = g.contiguous()  # once (a transposed head view's gradient): dX and dW then read it as free views
         pending = grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g.matmul(w).to(x_dtype)
