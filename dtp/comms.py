@@ -66,6 +66,11 @@ def _padded(size: int, world: int) -> int:
     return max(chunk_sizes(size, world)) * world
 
 
+def _kind(style) -> str:
+    """The style's collective pattern by name: a packed style communicates as its unpacked base."""
+    return type(style).__name__.removeprefix("Packed") if style is not None else ""
+
+
 def _is_seq(p) -> bool:
     return isinstance(p, Shard) and p.dim != -1
 
@@ -88,7 +93,7 @@ class _Predictor:
 
     def module(self, path: str, module: nn.Module):
         style, mesh = getattr(module, "_dtp_style", None), getattr(module, "_dtp_mesh", None)
-        name = type(style).__name__ if style is not None else ""
+        name = _kind(style)
         tp = mesh.size() if mesh is not None else 1
         first = not self.grad_flows
         if name in ("ColwiseParallel", "RowwiseParallel", "VocabParallel") and isinstance(module, nn.Linear):
@@ -104,11 +109,11 @@ class _Predictor:
         """The parent turns inputs into replicated DTensors: it reduces their gradients, once."""
         parent = self.model.get_submodule(path.rpartition(".")[0]) if "." in path else self.model
         style = getattr(parent, "_dtp_style", None)
-        return (type(style).__name__ == "PrepareModuleInput" and not style.use_local_output
+        return (_kind(style) == "PrepareModuleInput" and not style.use_local_output
                 and style.desired_input_layouts == (Replicate(),))
 
     def linear(self, path, m, style, tp, first):
-        if type(style).__name__ == "ColwiseParallel":
+        if _kind(style) == "ColwiseParallel":
             if _is_seq(style.input_layouts):
                 numel = self.seq_numel(style.input_layouts.dim, tp, m.in_features)
                 self.emit("forward", "all_gather", numel, path)
@@ -130,7 +135,7 @@ class _Predictor:
 
     def embedding(self, path, m, style, tp):
         dim = m.embedding_dim
-        if type(style).__name__ == "ColwiseParallel":
+        if _kind(style) == "ColwiseParallel":
             if isinstance(style.output_layouts, Replicate):
                 self.emit("forward", "all_gather", self.n * _padded(dim, tp), path)
         elif isinstance(style.output_layouts, Replicate):

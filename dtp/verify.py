@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .checkpoint import plain_name, unwrap
+from .checkpoint import packed_layouts, plain_name, unwrap
 from .compose import fully_shard, parallelize_2d
 from .mesh import init_mesh
 from .parallelize import _matches, parallelize_module
@@ -124,8 +124,11 @@ def _run(model, inputs, targets, loss_fn, dp_group):
         loss = loss.clone()
         dist.all_reduce(loss, group=dp_group)
         loss /= dist.get_world_size(dp_group)
-    grads = {plain_name(n): (_full(p.grad) if p.grad is not None else torch.zeros(p.shape))
-             for n, p in unwrap(model).named_parameters()}
+    layouts = packed_layouts(model)  # packed q/k/v, gate/up: compared in their original layout
+    grads = {}
+    for n, p in unwrap(model).named_parameters():
+        grad = _full(p.grad) if p.grad is not None else torch.zeros(p.shape)
+        grads[plain_name(n)] = layouts[plain_name(n)].unpack(grad) if plain_name(n) in layouts else grad
     return out, loss, grads
 
 

@@ -31,6 +31,13 @@ def case_predicted_equals_measured(case):
         else:
             dtp.parallelize_2d(model, dtp.init_mesh(dp=2, tp=2), MLP_PLAN, data_parallel=case[:-2])
         inputs, tokens, loss_parallel, loss_fn = torch.randn(4, 8), (4,), False, lambda out: out.pow(2).sum()
+    elif case == "packed":  # fused qkv_proj (unequal blocks) and gate_up_proj: ColwiseParallel's collectives
+        from examples.nanogpt import GQAConfig, GQAModel, gqa_plan
+        torch.manual_seed(0)
+        cfg = GQAConfig()
+        model = dtp.parallelize_module(GQAModel(cfg), None, gqa_plan(cfg))
+        inputs, tokens, loss_parallel = torch.randint(0, cfg.vocab_size, (2, 7)), (2, 7), False
+        loss_fn = lambda logits: logits.pow(2).mean()  # noqa: E731
     else:
         model = _gpt()
         sp = case == "gpt_sp"
@@ -54,7 +61,7 @@ def case_predicted_equals_measured(case):
 
 
 @pytest.mark.parametrize("world,case", [(2, "mlp"), (2, "gpt"), (4, "gpt"), (2, "gpt_sp"), (4, "gpt_sp"),
-                                        (4, "fsdp2d"), (4, "ddp2d"), (4, "gpt_fsdp2d")])
+                                        (4, "fsdp2d"), (4, "ddp2d"), (4, "gpt_fsdp2d"), (2, "packed")])
 def test_predicted_collectives_equal_measured(pools, world, case):
     table, counts = pools.run(world, case_predicted_equals_measured, case)[0]
     assert "bytes per step" in table

@@ -225,3 +225,19 @@ def _with_param(value):
 def test_errors_on_every_rank(pools):
     per_rank = pools.run(4, case_errors)
     assert all(messages == per_rank[0] for messages in per_rank)
+
+
+def case_verify_packed():
+    """dtp.verify compares a packed model's gradients in their original layout (unpacked), so a right plan passes."""
+    from examples.nanogpt import GQAConfig, GQAModel, gqa_plan
+
+    cfg = GQAConfig(n_layers=1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    report = dtp.verify(lambda: GQAModel(cfg), gqa_plan(cfg), ids, ids.roll(-1, 1),
+                        lambda logits, t: F.cross_entropy(logits.flatten(0, 1), t.flatten()), modes=("tp",))
+    assert not report.failures(), report.failures()
+    return True
+
+
+def test_verify_unpacks_packed_gradients(pools):
+    assert pools.run(2, case_verify_packed) == [True, True]
