@@ -88,3 +88,12 @@ def test_benchmark_runs_and_reports(pools):
     profiled = pools.run(2, bench_rank, "small", 1, 1, False, True)
     assert set(profiled[0]["profile"]) == {"dtp", "torch", "hand"} and profiled[1]["profile"] == {}
     assert "Self CPU" in profiled[0]["profile"]["dtp"] and "aten::" in profiled[0]["profile"]["dtp"]
+
+
+def test_overhead_benchmark_runs(pools):
+    """A smoke run of `python -m dtp.bench_overhead`'s per-rank part (timings are not asserted)."""
+    from dtp.bench_overhead import overhead_rank
+
+    result = pools.run(2, overhead_rank, "small", 4)[0]
+    assert set(result) == {"dtp", "hand", "dtp - hand"}
+    assert all(len(v) == 2 and all(isinstance(t, int) for t in v) for v in result.values())
