@@ -43,6 +43,10 @@ def _build(kind: str):
         return model, torch.randn(2, 5, 16)
     if kind == "shim":
         return _ShimMLP(), torch.randn(4, 16)
+    if kind == "replicate-grad":  # ReplicateParallel(grad_all_reduce=True) (Qwen3's q_norm) after a column layer
+        model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(8))
+        dtp.parallelize_module(model, mesh, {"0": dtp.ColwiseParallel(), "1": dtp.ReplicateParallel(grad_all_reduce=True)})
+        return model, torch.randn(3, 16)
     if kind == "packed-gqa":  # fused qkv_proj (unequal blocks) and gate_up_proj
         from examples.nanogpt import GQAConfig, GQAModel, gqa_plan
         cfg = GQAConfig(n_layers=1)
@@ -103,7 +107,7 @@ def case_compiled(kind: str, backend: str):
     return counter.frame_count
 
 
-@pytest.mark.parametrize("kind", ["mlp", "shim", "gpt", "gpt-sp", "llama", "llama-sp", "packed-gqa"])
+@pytest.mark.parametrize("kind", ["mlp", "shim", "gpt", "gpt-sp", "llama", "llama-sp", "packed-gqa", "replicate-grad"])
 def test_one_graph_matches_eager(pools, kind):
     assert pools.run(2, case_compiled, kind, "aot_eager") == [1, 1]
 
