@@ -19,14 +19,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from .collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
-from .param_grads import param_grad
+from .param_grads import hand_over
 
 __all__ = ["ColumnLinearFn", "RowLinearFn"]
 
 
-def _grad_dtensor(local: torch.Tensor | None, param: DTensor):
-    """A local gradient shard as a DTensor laid out exactly like `param`, in its dtype (no communication)."""
-    return None if local is None else param_grad(local, param._spec, param.dtype)
+def _param_grads(ctx, grad_w, grad_b, weight: DTensor, bias: DTensor | None) -> tuple:
+    """The weight's and bias's local gradients as DTensors laid out like them, in their dtypes (no communication)."""
+    grad_w = hand_over(ctx, 1, grad_w, weight, dtype=weight.dtype)
+    return grad_w, (None if bias is None else hand_over(ctx, 2, grad_b, bias, dtype=bias.dtype))
 
 
 def _matmul_grads(g: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool):
@@ -98,7 +99,7 @@ class ColumnLinearFn(torch.autograd.Function):
         grad_w, grad_b = _matmul_grads(g, x_full, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if pending is not None:
             grad_x = pending.wait()
-        return (grad_x, _grad_dtensor(grad_w, weight), _grad_dtensor(grad_b, bias), None, None, None, None)
+        return (grad_x, *_param_grads(ctx, grad_w, grad_b, weight, bias), None, None, None, None)
 
 
 class RowLinearFn(torch.autograd.Function):
@@ -146,4 +147,4 @@ class RowLinearFn(torch.autograd.Function):
         grad_w, grad_b = _matmul_grads(g, x, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if pending is not None:
             grad_x = pending.wait()
-        return (grad_x, _grad_dtensor(grad_w, weight), _grad_dtensor(grad_b, bias), None, None, None, None)
+        return (grad_x, *_param_grads(ctx, grad_w, grad_b, weight, bias), None, None, None, None)

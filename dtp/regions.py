@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .collectives import AxisGroup, all_gather, all_reduce, reduce_scatter
-from .param_grads import param_grad
+from .param_grads import hand_over
 
 __all__ = ["reduce_from", "gather_from", "sequence_scatter", "replicated_local"]
 
@@ -65,7 +65,7 @@ class _ReplicatedLocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return param_grad(all_reduce(g, ctx.axis).wait(), ctx.param._spec), None
+        return hand_over(ctx, 0, all_reduce(g, ctx.axis).wait(), ctx.param), None
 
 
 def reduce_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:

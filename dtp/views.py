@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .collectives import all_reduce, axis_of
-from .param_grads import param_grad
+from .param_grads import hand_over
 from .params import contiguous_stride
 from .traceable import is_compiling
 
@@ -56,14 +56,15 @@ def _with_placement(spec: DTensorSpec, placement: Placement) -> DTensorSpec:
 class _ToLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grad_spec):
-        ctx.grad_spec, ctx.leaf = grad_spec, x.is_leaf  # a parameter: its gradient goes to AccumulateGrad
+        ctx.grad_spec = grad_spec
+        ctx.param = x if x.is_leaf else None  # a parameter: its gradient goes to param.grad
         local = x._local_tensor
         return local.view_as(local)
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.leaf:
-            return param_grad(g, ctx.grad_spec), None
+        if ctx.param is not None:
+            return hand_over(ctx, 0, g, ctx.param, ctx.grad_spec), None
         return DTensor.__new__(DTensor, g.contiguous(), ctx.grad_spec, requires_grad=False), None
 
 
@@ -73,12 +74,12 @@ class _ToLocals(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *params):
         ctx.set_materialize_grads(False)  # a parameter the forward never read keeps grad None
-        ctx.specs = [p._spec for p in params]
+        ctx.params = params
         return tuple(p._local_tensor.view_as(p._local_tensor) for p in params)
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(param_grad(g, spec) for g, spec in zip(grads, ctx.specs))
+        return tuple(hand_over(ctx, i, g, p) for i, (g, p) in enumerate(zip(grads, ctx.params)))
 
 
 class _FromLocal(torch.autograd.Function):
