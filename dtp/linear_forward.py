@@ -1,23 +1,27 @@
 """Per-layer linear forwards with their layout decided once, at construction: the hot path.
 
-A prepared forward caches the layer's collective group and shard sizes, and for the common case
-(a plain tensor of the right width in, a plain tensor out) goes straight to the layer's autograd
-function; anything else (DTensor inputs or outputs, sequence-sharded inputs, other layouts, a
-wrong width, which gets its clear error there) takes the general path in `dtp.functional`.
+A prepared forward caches the layer's collective group and shard sizes, and for the common cases
+(a plain tensor or, for a column layer, a replicated DTensor of the right width in, a plain tensor
+out) goes straight to the layer's autograd function; anything else (other DTensor inputs, DTensor
+outputs, sequence-sharded inputs, other layouts, a wrong width, which gets its clear error there)
+takes the general path in `dtp.functional`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from .collectives import axis_of, chunk_sizes
 from .functional import column_linear, row_linear
 from .linear_autograd import ColumnLinearFn, RowLinearFn
 from .traceable import is_compiling
+from .views import partial_spec
 
 __all__ = ["ColumnForward", "RowForward"]
+
+_REPLICATE = (Replicate(),)
 
 
 class ColumnForward:
@@ -36,8 +40,11 @@ class ColumnForward:
                      and (gather or output_layout in (Shard(-1),)))
 
     def __call__(self, x, weight, bias):
-        if self.fast and type(x) is torch.Tensor and x.shape[-1] == self.in_features and not is_compiling():
-            return ColumnLinearFn.apply(x, weight, bias, self.axis, None, None, self.out_sizes)
+        if self.fast and x.shape[-1] == self.in_features and not is_compiling():
+            if type(x) is torch.Tensor:
+                return ColumnLinearFn.apply(x, weight, bias, self.axis, None, None, self.out_sizes)
+            if type(x) is DTensor and x._spec.placements == _REPLICATE:  # read in place, dX handed back Partial
+                return ColumnLinearFn.apply(x, weight, bias, self.axis, partial_spec(x._spec), None, self.out_sizes)
         return column_linear(x, weight, bias, **self.options)
 
 
