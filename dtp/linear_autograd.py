@@ -19,7 +19,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from .collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
-from .param_grads import hand_over
+from .param_grads import hand_over, plain_leaf, store_grad
+from .partial_grads import defer, partial_grad
 
 __all__ = ["ColumnLinearFn", "RowLinearFn"]
 
@@ -28,6 +29,21 @@ def _param_grads(ctx, grad_w, grad_b, weight: DTensor, bias: DTensor | None) -> 
     """The weight's and bias's local gradients as DTensors laid out like them, in their dtypes (no communication)."""
     grad_w = hand_over(ctx, 1, grad_w, weight, dtype=weight.dtype)
     return grad_w, (None if bias is None else hand_over(ctx, 2, grad_b, bias, dtype=bias.dtype))
+
+
+def _deferred_param_grads(ctx, g, x, weight: DTensor, bias: DTensor | None):
+    """The weight's and bias's gradient work as one Deferred, if autograd would only store or add both (else None)."""
+    need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+    if not (need_w or need_b) or not ((not need_w or plain_leaf(ctx, 1, weight)) and (not need_b or plain_leaf(ctx, 2, bias))):
+        return None
+
+    def work():
+        grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
+        store_grad(weight, grad_w, dtype=weight.dtype)
+        if need_b:
+            store_grad(bias, grad_b, dtype=bias.dtype)
+
+    return defer(work)
 
 
 def _matmul_grads(g: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool):
@@ -56,7 +72,8 @@ class ColumnLinearFn(torch.autograd.Function):
 
     in_dim: None = X replicated, dX all-reduced; a DTensor spec = X a replicated DTensor (read through
     its local tensor), dX handed back as a DTensor with that (Partial) spec for X's owner to reduce:
-    many layers' partial dX are summed first, reduced once;
+    many layers' partial dX are summed first, reduced once, and this layer's dW / db run while that reduction is
+    in flight (carried by the gradient, `dtp.partial_grads`);
     an int = X sharded on that dim (sequence parallel), all-gathered, dX reduce-scattered.
     """
 
@@ -93,7 +110,10 @@ class ColumnLinearFn(torch.autograd.Function):
             if in_dim is None:
                 pending = all_reduce(grad_x, axis, inplace=True)
             elif isinstance(in_dim, DTensorSpec):  # partial: summed with other readers', reduced by X's owner
-                grad_x = DTensor.__new__(DTensor, grad_x, in_dim, requires_grad=False)
+                work = _deferred_param_grads(ctx, g, x_full, weight, bias)
+                if work is not None:  # dW / db run while X's owner reduces dX
+                    return partial_grad(grad_x, in_dim, (work,)), None, None, None, None, None, None
+                grad_x = partial_grad(grad_x, in_dim)
             else:
                 pending = reduce_scatter(grad_x, in_dim, in_sizes, axis)
         grad_w, grad_b = _matmul_grads(g, x_full, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from .collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
 from .params import same_placement
+from .partial_grads import run_deferred
 from .style_base import ParallelStyle
 from .traceable import is_compiling
 from .views import from_local, spec_of, to_local
@@ -41,7 +42,9 @@ class _GatherSequence(torch.autograd.Function):
     def backward(ctx, g):
         dim, sizes, axis = ctx.layout
         if isinstance(g, DTensor) and g.placements == (Partial(),):
-            return reduce_scatter(g._local_tensor, dim, sizes, axis).wait(), None, None, None, None
+            pending = reduce_scatter(g._local_tensor, dim, sizes, axis)
+            run_deferred(g)  # the readers' weight gradients, while the reduce-scatter is in flight
+            return pending.wait(), None, None, None, None
         if isinstance(g, DTensor) and g.placements != (Replicate(),):
             g = g.redistribute(g.device_mesh, [Replicate()])
         g = g._local_tensor if isinstance(g, DTensor) else g

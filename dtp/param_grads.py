@@ -20,7 +20,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from .traceable import is_compiling
 
-__all__ = ["GradDTensor", "param_grad", "hand_over"]
+__all__ = ["GradDTensor", "param_grad", "hand_over", "plain_leaf", "store_grad"]
 
 _DETACH = torch.ops.aten.detach.default
 _will_execute = torch._C._will_engine_execute_node
@@ -46,10 +46,11 @@ def param_grad(local: torch.Tensor | None, spec: DTensorSpec, dtype: torch.dtype
     return DTensor.__new__(GradDTensor, local.contiguous(), spec, requires_grad=False)
 
 
-def _only_stored(ctx, index: int, param: torch.Tensor) -> bool:
-    """autograd's whole work for the gradient of ctx's input `index`, param, would be `param.grad = grad`."""
-    if not (param.is_leaf and param.grad is None and param._post_accumulate_grad_hooks is None
-            and not param._backward_hooks and not torch.is_grad_enabled() and not is_compiling()):
+def plain_leaf(ctx, index: int, param: torch.Tensor) -> bool:
+    """ctx's input `index`, param, is a leaf without hooks whose AccumulateGrad runs in this plain backward (no
+    create_graph, not traced): autograd would only store or add its gradient."""
+    if not (param.is_leaf and param._post_accumulate_grad_hooks is None and not param._backward_hooks
+            and not torch.is_grad_enabled() and not is_compiling()):
         return False
     try:  # False where backward(inputs=...) leaves param out; raises where autograd.grad captures it
         return _will_execute(ctx.next_functions[index][0])
@@ -65,9 +66,25 @@ def hand_over(ctx, index: int, local: torch.Tensor | None, param: DTensor, spec:
     if local is None:
         return None
     spec = param._spec if spec is None else spec
-    if not _only_stored(ctx, index, param):
+    if param.grad is not None or not plain_leaf(ctx, index, param):
         return param_grad(local, spec, dtype)
+    store_grad(param, local, spec, dtype)
+    return None
+
+
+def store_grad(param: DTensor, local: torch.Tensor | None, spec: DTensorSpec | None = None,
+               dtype: torch.dtype | None = None) -> None:
+    """param.grad = the DTensor of local (laid out as spec, default param's), or param.grad + it (a new tensor, as
+    AccumulateGrad makes when the old gradient may be referenced): what AccumulateGrad does for a plain leaf."""
+    if local is None:
+        return
+    spec = param._spec if spec is None else spec
     if dtype is not None and local.dtype != dtype:
         local = local.to(dtype)
-    param.grad = DTensor.__new__(DTensor, local.contiguous(), spec, requires_grad=False)
-    return None
+    old = param.grad
+    if old is None:
+        param.grad = DTensor.__new__(DTensor, local.contiguous(), spec, requires_grad=False)
+    elif type(old) is DTensor and (old._spec is spec or old._spec == spec):
+        param.grad = DTensor.__new__(DTensor, old._local_tensor + local, spec, requires_grad=False)
+    else:
+        param.grad = old + DTensor.__new__(DTensor, local.contiguous(), spec, requires_grad=False)

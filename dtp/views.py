@@ -16,6 +16,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .collectives import all_reduce, axis_of
 from .param_grads import hand_over
+from .partial_grads import run_deferred
 from .params import contiguous_stride
 from .traceable import is_compiling
 
@@ -95,7 +96,9 @@ class _FromLocal(torch.autograd.Function):
         if g.placements == ctx.spec.placements:
             return g._local_tensor, None, None
         if g.placements == (Partial(),) and ctx.spec.placements == (Replicate(),):
-            return all_reduce(g._local_tensor, ctx.axis).wait(), None, None  # the one reduction of partial grads
+            pending = all_reduce(g._local_tensor, ctx.axis)  # the one reduction of the readers' partial dX ...
+            run_deferred(g)  # ... overlapped with their weight gradients
+            return pending.wait(), None, None
         if ctx.spec.placements == (Partial(),) and g.placements == (Replicate(),):
             return g._local_tensor, None, None  # as torch: a replicated gradient of a Partial input stays as it is
         return g.redistribute(ctx.spec.mesh, ctx.spec.placements)._local_tensor, None, None
