@@ -11,8 +11,6 @@ gradients are converted before they are reduced, as torch's TP reduces them).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
@@ -20,46 +18,55 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from .collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
 from .param_grads import hand_over, plain_leaf, store_grad
-from .partial_grads import defer, partial_grad
+from .partial_grads import defer, partial_grad, reduced_next
 
 __all__ = ["ColumnLinearFn", "RowLinearFn"]
 
 
-def _param_grads(ctx, grad_w, grad_b, weight: DTensor, bias: DTensor | None) -> tuple:
-    """The weight's and bias's local gradients as DTensors laid out like them, in their dtypes (no communication)."""
-    grad_w = hand_over(ctx, 1, grad_w, weight, dtype=weight.dtype)
-    return grad_w, (None if bias is None else hand_over(ctx, 2, grad_b, bias, dtype=bias.dtype))
+def _param_grads(ctx, needs: tuple, g, x, weight: DTensor, bias: DTensor | None, deferring=None) -> tuple:
+    """(dW, db) = (gᵀ x, Σ g) as the node's return values (no communication).  Where autograd would only store or add
+    them and `deferring` is given, their work is handed to it (run later, stored as autograd would) and both are None;
+    otherwise computed now and stored directly where that is all autograd would do (`hand_over`)."""
+    need_w, need_b = needs[1], bias is not None and needs[2]
+    if not (need_w or need_b):
+        return None, None
+    edges = ctx.next_functions
+    if deferring is not None and (not need_w or plain_leaf(edges, 1, weight)) and (
+            not need_b or plain_leaf(edges, 2, bias)):
+        def work():
+            grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
+            if need_w:
+                store_grad(weight, grad_w, dtype=weight.dtype)
+            if need_b:
+                store_grad(bias, grad_b, dtype=bias.dtype)
 
-
-def _deferred_param_grads(ctx, g, x, weight: DTensor, bias: DTensor | None):
-    """The weight's and bias's gradient work as one Deferred, if autograd would only store or add both (else None)."""
-    need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-    if not (need_w or need_b) or not ((not need_w or plain_leaf(ctx, 1, weight)) and (not need_b or plain_leaf(ctx, 2, bias))):
-        return None
-
-    def work():
-        grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
-        store_grad(weight, grad_w, dtype=weight.dtype)
-        if need_b:
-            store_grad(bias, grad_b, dtype=bias.dtype)
-
-    return defer(work)
+        deferring(work)
+        return None, None
+    grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
+    return (hand_over(edges, 1, grad_w, weight, dtype=weight.dtype),
+            hand_over(edges, 2, grad_b, bias, dtype=bias.dtype) if need_b else None)
 
 
 def _matmul_grads(g: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool):
     """dW = gᵀ x and db = Σ g over all leading dims (local)."""
     if g.dim() == 2:
         g2, x2 = g, x
-    else:
-        rows = math.prod(g.shape[:-1])
-        g2, x2 = g.reshape(rows, g.shape[-1]), x.reshape(rows, x.shape[-1])
+    elif g.dim() > 2:  # (rows, features) views, zero-sized dims included
+        g2, x2 = g.flatten(0, -2), x.flatten(0, -2)
+    else:  # one input vector
+        g2, x2 = g.unsqueeze(0), x.unsqueeze(0)
     grad_w = g2.t().mm(x2) if need_w else None
     grad_b = g2.sum(0) if need_b else None
     return grad_w, grad_b
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
 def _autocast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
     """(x, w, b) cast to the autocast dtype where autocast is on for x's device, as F.linear would be."""
+    if not _any_autocast():
+        return x, w, b
     device = x.device.type
     if not torch.is_autocast_enabled(device) or not x.is_floating_point():
         return x, w, b
@@ -72,8 +79,8 @@ class ColumnLinearFn(torch.autograd.Function):
 
     in_dim: None = X replicated, dX all-reduced; a DTensor spec = X a replicated DTensor (read through
     its local tensor), dX handed back as a DTensor with that (Partial) spec for X's owner to reduce:
-    many layers' partial dX are summed first, reduced once, and this layer's dW / db run while that reduction is
-    in flight (carried by the gradient, `dtp.partial_grads`);
+    many layers' partial dX are summed first, reduced once, and where dX goes straight to dtp's reduction this
+    layer's dW / db run while that reduction is in flight (carried by the gradient, `dtp.partial_grads`);
     an int = X sharded on that dim (sequence parallel), all-gathered, dX reduce-scattered.
     """
 
@@ -82,14 +89,16 @@ class ColumnLinearFn(torch.autograd.Function):
         w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
         b = None if bias is None else bias._local_tensor.detach()
         x_dtype = x.dtype
+        defer_grads = False
         if isinstance(in_dim, DTensorSpec):  # a replicated DTensor input: its local tensor, no to_local node
+            defer_grads = reduced_next(x)  # dX goes straight to dtp's reduction: dW / db may ride along
             x = x._local_tensor
         x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
         x_full, w, b = _autocast(x_full, w, b)
         y = F.linear(x_full, w, b)
         ctx.save_for_backward(x_full, w)
         ctx.params = (weight, bias)
-        ctx.layout = (axis, in_dim, in_sizes, out_sizes, x_dtype)
+        ctx.layout = (axis, in_dim, in_sizes, out_sizes, x_dtype, defer_grads)
         if out_sizes is not None:
             y = all_gather(y, -1, out_sizes, axis).wait()
         return y
@@ -98,28 +107,29 @@ class ColumnLinearFn(torch.autograd.Function):
     def backward(ctx, g):
         x_full, w = ctx.saved_tensors
         weight, bias = ctx.params
-        axis, in_dim, in_sizes, out_sizes, x_dtype = ctx.layout
+        axis, in_dim, in_sizes, out_sizes, x_dtype, defer_grads = ctx.layout
         if out_sizes is not None:  # gathered output: keep our slice of the (replicated) gradient
             g = g.narrow(-1, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
         if g.dtype != w.dtype:
             g = g.to(w.dtype)
         g = g.contiguous()  # once (a transposed head view's gradient): dX and dW then read it as free views
+        needs = ctx.needs_input_grad
         pending = grad_x = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_x = g.matmul(w).to(x_dtype)  # this rank's share of dX: summed over the axis below
             if in_dim is None:
                 pending = all_reduce(grad_x, axis, inplace=True)
             elif isinstance(in_dim, DTensorSpec):  # partial: summed with other readers', reduced by X's owner
-                work = _deferred_param_grads(ctx, g, x_full, weight, bias)
-                if work is not None:  # dW / db run while X's owner reduces dX
-                    return partial_grad(grad_x, in_dim, (work,)), None, None, None, None, None, None
-                grad_x = partial_grad(grad_x, in_dim)
+                carried = []  # dW / db, run while X's owner reduces dX
+                grad_w, grad_b = _param_grads(ctx, needs, g, x_full, weight, bias,
+                                              (lambda fn: carried.append(defer(fn))) if defer_grads else None)
+                return partial_grad(grad_x, in_dim, tuple(carried)), grad_w, grad_b, None, None, None, None
             else:
                 pending = reduce_scatter(grad_x, in_dim, in_sizes, axis)
-        grad_w, grad_b = _matmul_grads(g, x_full, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grad_w, grad_b = _param_grads(ctx, needs, g, x_full, weight, bias)
         if pending is not None:
             grad_x = pending.wait()
-        return (grad_x, *_param_grads(ctx, grad_w, grad_b, weight, bias), None, None, None, None)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class RowLinearFn(torch.autograd.Function):
@@ -135,18 +145,19 @@ class RowLinearFn(torch.autograd.Function):
         partial = F.linear(x, w)
         out_sizes = None
         if out_dim is None:
-            y = all_reduce(partial, axis, inplace=True).wait()
+            pending = all_reduce(partial, axis, inplace=True)
         else:
             out_sizes = chunk_sizes(partial.shape[out_dim], axis.size)
-            y = reduce_scatter(partial, out_dim, out_sizes, axis).wait()
+            pending = reduce_scatter(partial, out_dim, out_sizes, axis)
+        ctx.save_for_backward(x, w)  # the bookkeeping while the collective is in flight
+        ctx.params = (weight, bias)
+        ctx.layout = (axis, in_sizes, split_input, out_dim, out_sizes, x_dtype)
+        y = pending.wait()
         if bias is not None:  # once, after the reduction (y is the collective's own fresh output)
             b = bias._local_tensor.detach()
             if out_dim == y.dim() - 1:  # scattered over the features: our slice of the bias
                 b = b.narrow(0, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
             y.add_(b)
-        ctx.save_for_backward(x, w)
-        ctx.params = (weight, bias)
-        ctx.layout = (axis, in_sizes, split_input, out_dim, out_sizes, x_dtype)
         return y
 
     @staticmethod
@@ -159,12 +170,13 @@ class RowLinearFn(torch.autograd.Function):
         if g.dtype != w.dtype:
             g = g.to(w.dtype)
         g = g.contiguous()  # once (a transposed head view's gradient): dX and dW then read it as free views
+        needs = ctx.needs_input_grad
         pending = grad_x = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_x = g.matmul(w).to(x_dtype)
             if split_input:  # the input was replicated: assemble its full gradient
                 pending = all_gather(grad_x, -1, in_sizes, axis)
-        grad_w, grad_b = _matmul_grads(g, x, ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grad_w, grad_b = _param_grads(ctx, needs, g, x, weight, bias)
         if pending is not None:
             grad_x = pending.wait()
-        return (grad_x, *_param_grads(ctx, grad_w, grad_b, weight, bias), None, None, None, None)
+        return grad_x, grad_w, grad_b, None, None, None, None

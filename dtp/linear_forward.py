@@ -13,6 +13,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
+from .autograd_apply import direct_apply
 from .collectives import axis_of, chunk_sizes
 from .functional import column_linear, row_linear
 from .linear_autograd import ColumnLinearFn, RowLinearFn
@@ -22,6 +23,8 @@ from .views import partial_spec
 __all__ = ["ColumnForward", "RowForward"]
 
 _REPLICATE = (Replicate(),)
+_column = direct_apply(ColumnLinearFn)
+_row = direct_apply(RowLinearFn)
 
 
 class ColumnForward:
@@ -38,13 +41,20 @@ class ColumnForward:
                             use_local_output=use_local_output, name=name)
         self.fast = (use_local_output and isinstance(input_layout or Replicate(), Replicate)
                      and (gather or output_layout in (Shard(-1),)))
+        self._seen = (None, None)  # the last replicated input's spec and its Partial twin (dX's spec)
 
     def __call__(self, x, weight, bias):
         if self.fast and x.shape[-1] == self.in_features and not is_compiling():
             if type(x) is torch.Tensor:
-                return ColumnLinearFn.apply(x, weight, bias, self.axis, None, None, self.out_sizes)
-            if type(x) is DTensor and x._spec.placements == _REPLICATE:  # read in place, dX handed back Partial
-                return ColumnLinearFn.apply(x, weight, bias, self.axis, partial_spec(x._spec), None, self.out_sizes)
+                return _column(x, weight, bias, self.axis, None, None, self.out_sizes)
+            if type(x) is DTensor:  # a replicated one is read in place, dX handed back Partial
+                spec, (seen, grad_spec) = x._spec, self._seen
+                if spec is not seen and spec.placements == _REPLICATE:
+                    grad_spec = partial_spec(spec)
+                    self._seen = (spec, grad_spec)
+                    seen = spec
+                if spec is seen:
+                    return _column(x, weight, bias, self.axis, grad_spec, None, self.out_sizes)
         return column_linear(x, weight, bias, **self.options)
 
 
@@ -65,5 +75,5 @@ class RowForward:
 
     def __call__(self, x, weight, bias):
         if self.fast and type(x) is torch.Tensor and x.shape[-1] == self.expected and not is_compiling():
-            return RowLinearFn.apply(x, weight, bias, self.axis, self.in_sizes, self.split_input, None)
+            return _row(x, weight, bias, self.axis, self.in_sizes, self.split_input, None)
         return row_linear(x, weight, bias, **self.options)  # also the clear error for a wrong input width

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from .collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
 from .params import same_placement
-from .partial_grads import run_deferred
+from .partial_grads import reducing_node, run_deferred
 from .style_base import ParallelStyle
 from .traceable import is_compiling
 from .views import from_local, spec_of, to_local
@@ -29,6 +29,7 @@ def _as_tuple(v):
     return (v,) if isinstance(v, Placement) else (tuple(v) if v is not None else None)
 
 
+@reducing_node
 class _GatherSequence(torch.autograd.Function):
     """This rank's shard along dim -> the replicated DTensor: fwd one all-gather; bwd one reduce-scatter of a Partial
     gradient (the column layers' shares of dX), or this rank's slice of a replicated one."""
@@ -112,9 +113,14 @@ class PrepareModuleInput(ParallelStyle):
         if set(self.input_kwarg_layouts) != set(self.desired_input_kwarg_layouts):
             raise ValueError("PrepareModuleInput: input_kwarg_layouts and desired_input_kwarg_layouts must name "
                              "the same keyword arguments")
+        self._replicated_one = (self.input_layouts == (Replicate(),) and not self.input_kwarg_layouts
+                                and self.desired_input_layouts in ((Replicate(),), (None,)) and not use_local_output)
 
     def prepare(self, module, args, kwargs):
         """The forward pre-hook: the redistributed (args, kwargs)."""
+        if self._replicated_one and len(args) == 1 and type(args[0]) is torch.Tensor:
+            x = args[0]  # the usual case (a transformer block's attention / MLP): this plain tensor, replicated
+            return (from_local(x, module._dtp_mesh, Replicate(), x.shape),), kwargs
         mesh, where = module._dtp_mesh, f"PrepareModuleInput({module._dtp_path!r})"
         if self.input_layouts is not None:
             args = _prepare_all(args, self.input_layouts, self.desired_input_layouts, mesh, self.use_local_output,

@@ -46,27 +46,27 @@ def param_grad(local: torch.Tensor | None, spec: DTensorSpec, dtype: torch.dtype
     return DTensor.__new__(GradDTensor, local.contiguous(), spec, requires_grad=False)
 
 
-def plain_leaf(ctx, index: int, param: torch.Tensor) -> bool:
-    """ctx's input `index`, param, is a leaf without hooks whose AccumulateGrad runs in this plain backward (no
-    create_graph, not traced): autograd would only store or add its gradient."""
+def plain_leaf(edges: tuple, index: int, param: torch.Tensor) -> bool:
+    """The node's input `index` (edges: its ctx.next_functions), param, is a leaf without hooks whose AccumulateGrad runs
+    in this plain backward (no create_graph, not traced): autograd would only store or add its gradient."""
     if not (param.is_leaf and param._post_accumulate_grad_hooks is None and not param._backward_hooks
             and not torch.is_grad_enabled() and not is_compiling()):
         return False
     try:  # False where backward(inputs=...) leaves param out; raises where autograd.grad captures it
-        return _will_execute(ctx.next_functions[index][0])
+        return _will_execute(edges[index][0])
     except RuntimeError:
         return False
 
 
-def hand_over(ctx, index: int, local: torch.Tensor | None, param: DTensor, spec: DTensorSpec | None = None,
+def hand_over(edges: tuple, index: int, local: torch.Tensor | None, param: DTensor, spec: DTensorSpec | None = None,
               dtype: torch.dtype | None = None):
-    """The gradient of ctx's input `index`, DTensor parameter `param`, from its local shard, laid out as spec (default:
-    param's own) (no communication): stored in param.grad when that is all autograd would do (then returns None),
-    else returned as a GradDTensor for autograd to deliver."""
+    """The gradient of the node's input `index` (edges: its ctx.next_functions), DTensor parameter `param`, from its
+    local shard, laid out as spec (default: param's own) (no communication): stored in param.grad when that is all
+    autograd would do (then returns None), else returned as a GradDTensor for autograd to deliver."""
     if local is None:
         return None
     spec = param._spec if spec is None else spec
-    if param.grad is not None or not plain_leaf(ctx, index, param):
+    if param.grad is not None or not plain_leaf(edges, index, param):
         return param_grad(local, spec, dtype)
     store_grad(param, local, spec, dtype)
     return None

@@ -9,8 +9,10 @@ node starts its collective, runs the work, then waits.
 
 - Autograd's sum of two PartialGrads is a local add that merges their work (no DTensor dispatch).
 - Any other op that meets a PartialGrad runs its work first and then follows DTensor's semantics.
+- A layer defers only when its input comes straight from one of those reducing nodes (`reduced_next`):
+  no other node (FSDP's post-backward hook, say) can look at the parameters' gradients before the work ran.
 - Work nobody ran by then runs when the backward pass ends (an autograd engine callback), so no
-  gradient is ever lost, whoever reduces the Partial gradient (torch's own from_local included).
+  gradient is ever lost (a backward(inputs=...) that stops short of the reducing node, say).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
-__all__ = ["PartialGrad", "partial_grad", "run_deferred", "defer"]
+__all__ = ["PartialGrad", "partial_grad", "run_deferred", "defer", "reducing_node", "reduced_next", "REDUCERS"]
 
 _ADD = torch.ops.aten.add.Tensor
 _SUM = (Partial(),)
@@ -45,6 +47,22 @@ def defer(fn) -> Deferred:
     work = Deferred(fn)
     _queue_callback(work)
     return work
+
+
+REDUCERS: set = set()  # the backward node classes of dtp's conversions that reduce a Partial gradient
+
+
+def reducing_node(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Register fn (a class decorator) as a conversion whose backward reduces a Partial gradient and runs its work
+    (`run_deferred`) while the collective is in flight."""
+    REDUCERS.add(fn._backward_cls)
+    return fn
+
+
+def reduced_next(x: torch.Tensor) -> bool:
+    """x's gradient goes straight into one of dtp's reducing conversions (nothing else sees it before they run its
+    work, FSDP's post-backward hook included): only then may a reader defer work onto it."""
+    return type(x.grad_fn) in REDUCERS
 
 
 class PartialGrad(DTensor):

@@ -65,7 +65,7 @@ class _ReplicatedLocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return hand_over(ctx, 0, all_reduce(g, ctx.axis).wait(), ctx.param), None
+        return hand_over(ctx.next_functions, 0, all_reduce(g, ctx.axis).wait(), ctx.param), None
 
 
 def reduce_from(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:

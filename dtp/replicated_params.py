@@ -56,19 +56,32 @@ def local_parameters(module: nn.Module, read_local, recurse: bool = True):
 
 
 def _has_dtensor(values) -> bool:
-    return any(isinstance(v, DTensor) for v in values)
+    for v in values:
+        if isinstance(v, DTensor):
+            return True
+    return False
 
 
 def local_forward(module: nn.Module, args, kwargs, read_local=to_local):
     """module's own forward; on plain inputs its own DTensor parameters read as read_local(param) (no collective by
     default), on DTensor inputs it runs on DTensors (DTensor semantics)."""
-    if _has_dtensor(args) or _has_dtensor(kwargs.values()):
+    if _has_dtensor(args) or (kwargs and _has_dtensor(kwargs.values())):
         return type(module).forward(module, *args, **kwargs)
     if is_compiling() and read_local is to_local:  # traced: on replicated DTensors (no collective), local out
         mesh = next(p.device_mesh for p in module._parameters.values() if isinstance(p, DTensor))
         return module_forward_on_dtensors(module, mesh, args, kwargs)
-    with local_parameters(module, read_local, recurse=False):
+    params = module._parameters  # local_parameters(module, read_local, recurse=False), inlined: the hot path
+    swapped = [(name, p) for name, p in params.items() if isinstance(p, DTensor)]
+    if swapped:
+        locals_ = (to_locals([p for _, p in swapped]) if read_local is to_local
+                   else [read_local(p) for _, p in swapped])
+        for (name, _), local in zip(swapped, locals_):
+            params[name] = local
+    try:
         return type(module).forward(module, *args, **kwargs)
+    finally:
+        for name, param in swapped:
+            params[name] = param
 
 
 def replicated_forward(self, *args, **kwargs):

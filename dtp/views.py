@@ -14,15 +14,17 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
+from .autograd_apply import direct_apply
 from .collectives import all_reduce, axis_of
 from .param_grads import hand_over
-from .partial_grads import run_deferred
+from .partial_grads import reducing_node, run_deferred
 from .params import contiguous_stride
 from .traceable import is_compiling
 
 __all__ = ["to_local", "to_locals", "from_local", "spec_of", "partial_spec"]
 
 
+_PARTIAL, _REPLICATE = (Partial(),), (Replicate(),)
 _SPECS: dict = {}  # (id of mesh or spec, ...) -> (that object, spec): a DTensorSpec costs ~25 µs to build
 
 
@@ -65,7 +67,7 @@ class _ToLocal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         if ctx.param is not None:
-            return hand_over(ctx, 0, g, ctx.param, ctx.grad_spec), None
+            return hand_over(ctx.next_functions, 0, g, ctx.param, ctx.grad_spec), None
         return DTensor.__new__(DTensor, g.contiguous(), ctx.grad_spec, requires_grad=False), None
 
 
@@ -80,9 +82,11 @@ class _ToLocals(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(hand_over(ctx, i, g, p) for i, (g, p) in enumerate(zip(grads, ctx.params)))
+        edges = ctx.next_functions
+        return tuple(hand_over(edges, i, g, p) for i, (g, p) in enumerate(zip(grads, ctx.params)))
 
 
+@reducing_node
 class _FromLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, spec, axis):
@@ -93,15 +97,19 @@ class _FromLocal(torch.autograd.Function):
     def backward(ctx, g):
         if not isinstance(g, DTensor):
             return g, None, None
-        if g.placements == ctx.spec.placements:
+        have, want = g._spec.placements, ctx.spec.placements
+        if have == want:
             return g._local_tensor, None, None
-        if g.placements == (Partial(),) and ctx.spec.placements == (Replicate(),):
+        if have == _PARTIAL and want == _REPLICATE:
             pending = all_reduce(g._local_tensor, ctx.axis)  # the one reduction of the readers' partial dX ...
             run_deferred(g)  # ... overlapped with their weight gradients
             return pending.wait(), None, None
-        if ctx.spec.placements == (Partial(),) and g.placements == (Replicate(),):
+        if want == _PARTIAL and have == _REPLICATE:
             return g._local_tensor, None, None  # as torch: a replicated gradient of a Partial input stays as it is
-        return g.redistribute(ctx.spec.mesh, ctx.spec.placements)._local_tensor, None, None
+        return g.redistribute(ctx.spec.mesh, want)._local_tensor, None, None
+
+
+_to_locals, _from_local = direct_apply(_ToLocals), direct_apply(_FromLocal)
 
 
 def to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tensor:
@@ -118,7 +126,7 @@ def to_locals(params) -> tuple:
     """The local tensors of several DTensor parameters (one autograd node); gradients come back laid out as each."""
     if is_compiling():
         return tuple(p.to_local() for p in params)
-    return _ToLocals.apply(*params)
+    return _to_locals(*params)
 
 
 def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
@@ -128,4 +136,4 @@ def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, glob
         shape = torch.Size(global_shape)
         return DTensor.from_local(local, mesh, (placement,), run_check=False, shape=shape,
                                   stride=contiguous_stride(shape))
-    return _FromLocal.apply(local, spec_of(mesh, placement, global_shape, local.dtype), axis_of(mesh))
+    return _from_local(local, spec_of(mesh, placement, global_shape, local.dtype), axis_of(mesh))

@@ -56,19 +56,20 @@ def _zero(*models):
 
 
 def _watch_reduction(model):
-    """Records, at the start and at the end of each all-reduce of a partial dX, whether wq's weight has its gradient."""
+    """Records, at the start and at the end of each all-reduce of a partial dX, whether wq's weight (a column reader of
+    it) and wo's (the row layer after it, computed earlier) have their gradients."""
     import dtp.views as views
 
     seen, original = [], views.all_reduce
-    weight = model[1].wq.weight
+    weights = (model[1].wq.weight, model[1].wo.weight)
 
     def watched(t, axis, *args, **kwargs):
-        seen.append(("issued", weight.grad is not None))
+        seen.append(("issued", [w.grad is not None for w in weights]))
         pending = original(t, axis, *args, **kwargs)
 
         class Recorded:
             def wait(self):
-                seen.append(("waited", weight.grad is not None))
+                seen.append(("waited", [w.grad is not None for w in weights]))
                 return pending.wait()
 
         return Recorded()
@@ -91,13 +92,13 @@ def case_block_gradients_and_overlap():
         _assert_grads(model, single, f"block, backward {step}")
         assert_close(x.grad, x_ref.grad, f"block input gradient, backward {step}")
     # the column layers' weight gradients are computed between the start and the end of dX's all-reduce
-    single2, mixer = _mixer_pair(1)
+    _, mixer = _mixer_pair(1)
     seen, restore = _watch_reduction(mixer)
     try:
         mixer(torch.randn(3, 8)).sum().backward()
     finally:
         restore()
-    assert seen == [("issued", False), ("waited", True)], seen
+    assert seen == [("issued", [False, True]), ("waited", [True, True])], seen
     return True
 
 
@@ -117,12 +118,14 @@ def case_reuse_hooks_and_other_reducers():
     assert len(seen) == 1
     assert_close(seen[0], single[1].wk.weight.grad, "gradient seen by the hook")
     _zero(model, single)
-    # backward(inputs=): only the parameters asked for get gradients
+    # backward(inputs=): only the parameters asked for get gradients; wq's weight and bias defer onto a dX that is
+    # never reduced (the reduction is not needed for them): their work runs when the backward ends
     params, refs = list(model.parameters()), list(single.parameters())
-    model(x).sum().backward(inputs=[params[2], params[7]])
-    single(x).sum().backward(inputs=[refs[2], refs[7]])
-    assert [p.grad is not None for p in params] == [i in (2, 7) for i in range(len(params))]
-    for i in (2, 7):
+    asked = (2, 3, 7)
+    model(x).sum().backward(inputs=[params[i] for i in asked])
+    single(x).sum().backward(inputs=[refs[i] for i in asked])
+    assert [p.grad is not None for p in params] == [i in asked for i in range(len(params))]
+    for i in asked:
         assert_close(params[i].grad.full_tensor(), refs[i].grad, f"backward(inputs=) parameter {i}")
     _zero(model, single)
     # torch.autograd.grad: captured, never stored
@@ -130,8 +133,17 @@ def case_reuse_hooks_and_other_reducers():
     assert all(p.grad is None for p in params)
     for g, ref in zip(grads, torch.autograd.grad(single(x).sum(), refs)):
         assert_close(g.full_tensor(), ref, "torch.autograd.grad")
-    # a replicated input made by torch's own DTensor.from_local, whose reduction knows nothing of the deferred work
-    # (it runs when the backward ends), then with a hook that computes on the partial gradient (it runs first)
+    # a node between the column layers and dtp's reduction (a hook added after the plan's) sees their gradients
+    _zero(model, single)
+    mixer_params, observed = [m.weight for m in (model[1].wq, model[1].wk, model[1].wv)], []
+    handle = model[1].register_forward_pre_hook(lambda mod, args: (_SeeGrads.apply(args[0], mixer_params, observed),))
+    model(x).sum().backward()
+    handle.remove()
+    single(x).sum().backward()
+    assert observed == [[True, True, True]], observed
+    _assert_grads(model, single, "with a node between the layers and the reduction")
+    # a replicated input made by torch's own DTensor.from_local (not dtp's reduction: nothing deferred), then with a
+    # hook that computes on the partial gradient
     mixer, ref = model[1], single[1]
     for hooked in (False, True):
         _zero(mixer, ref)
@@ -144,8 +156,49 @@ def case_reuse_hooks_and_other_reducers():
     return True
 
 
+class _SeeGrads(torch.autograd.Function):
+    """Identity whose backward records which of `params` already have a gradient (as FSDP's post-backward reads them)."""
+
+    @staticmethod
+    def forward(ctx, x, params, seen):
+        ctx.params, ctx.seen = params, seen
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.seen.append([p.grad is not None for p in ctx.params])
+        return g, None, None
+
+
+def case_fsdp_on_the_prepared_module():
+    """TP then FSDP2 on the very module whose input is prepared, and on the root: gradients as one process."""
+    import torch.distributed as dist
+
+    torch.manual_seed(4)
+    single = nn.Sequential(nn.LayerNorm(8), _Mixer())
+    mesh = dtp.init_mesh(dp=2, tp=2)
+    plan = {"1": dtp.PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
+            "1.w[qkv]": dtp.ColwiseParallel(), "1.wo": dtp.RowwiseParallel()}
+    model = dtp.parallelize_2d(copy.deepcopy(single), mesh, plan, fsdp_units=["1"])
+    batch = torch.randn(4, 8)
+    dp = mesh["dp"].get_local_rank()
+    for step in range(2):
+        model(batch[2 * dp: 2 * dp + 2]).pow(2).mean().backward()
+        single(batch).pow(2).mean().backward()
+        for (name, p), ref in zip(model.named_parameters(), single.parameters()):
+            assert_close(p.grad.full_tensor(), ref.grad,
+                         f"TP x FSDP gradient of {name}, backward {step}")
+        _zero(model, single)
+    dist.barrier()
+    return True
+
+
 def test_block_gradients_and_overlap(pools):
     assert pools.run(2, case_block_gradients_and_overlap) == [True, True]
+
+
+def test_fsdp_on_the_prepared_module(pools):
+    assert pools.run(4, case_fsdp_on_the_prepared_module) == [True] * 4
 
 
 def test_reuse_hooks_and_other_reducers(pools):
