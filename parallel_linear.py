@@ -27,7 +27,7 @@ if __package__ in (None, "") and os.path.dirname(os.path.abspath(__file__)) not 
 from dtp.functional import column_linear, row_linear  # noqa: E402
 from dtp.layers import _check_features, _check_master_weight, linear_init_  # noqa: E402
 from dtp.mesh import check_divisible, default_mesh  # noqa: E402
-from dtp.views import from_local  # noqa: E402
+from dtp.dtensor_conversions import from_local  # noqa: E402
 from torch.distributed.tensor import Replicate, Shard  # noqa: E402
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]

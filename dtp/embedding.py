@@ -12,9 +12,9 @@ from .collectives import axis_of, chunk_offset, chunk_sizes
 from .functional import dtensor_forward, wrap_output
 from .mesh import tp_submesh
 from .params import shard_parameter
-from .regions import gather_from, reduce_from, sequence_scatter
+from .autograd_collectives import gather_from, reduce_from, sequence_scatter
 from .traceable import is_compiling
-from .views import to_local
+from .dtensor_conversions import to_local
 
 __all__ = ["vocab_parallel_embedding", "column_embedding", "VocabParallelEmbedding", "check_ids", "replicated_ids"]
 

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from .collectives import axis_of, chunk_sizes
 from .linear_autograd import ColumnLinearFn, RowLinearFn
 from .traceable import is_compiling
-from .views import from_local, partial_spec, to_local
+from .dtensor_conversions import from_local, partial_spec, to_local
 
 __all__ = ["column_linear", "row_linear", "as_local", "wrap_output", "dtensor_forward", "is_last_dim"]
 

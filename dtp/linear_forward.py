@@ -18,7 +18,7 @@ from .collectives import axis_of, chunk_sizes
 from .functional import column_linear, row_linear
 from .linear_autograd import ColumnLinearFn, RowLinearFn
 from .traceable import is_compiling
-from .views import partial_spec
+from .dtensor_conversions import partial_spec
 
 __all__ = ["ColumnForward", "RowForward"]
 

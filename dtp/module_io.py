@@ -16,7 +16,7 @@ from .params import same_placement
 from .partial_grads import reducing_node, run_deferred
 from .style_base import ParallelStyle
 from .traceable import is_compiling
-from .views import from_local, spec_of, to_local
+from .dtensor_conversions import from_local, spec_of, to_local
 
 __all__ = ["PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput", "prepare_value"]
 

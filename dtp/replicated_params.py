@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from .params import shard_parameter
 from .traceable import is_compiling, module_forward_on_dtensors
-from .views import to_local, to_locals
+from .dtensor_conversions import to_local, to_locals
 
 __all__ = ["replicate_own_", "replicate_parameters_", "local_parameters", "local_forward", "replicate_remaining_"]
 

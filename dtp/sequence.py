@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 from .functional import wrap_output
 from .replicated_params import local_parameters
 from .traceable import is_compiling, module_forward_on_dtensors
-from .views import to_local
+from .dtensor_conversions import to_local
 
 __all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forward"]
 

@@ -8,7 +8,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import dtp
 from dtp.params import local_slice
-from dtp.views import from_local
+from dtp.dtensor_conversions import from_local
 
 from .reference import assert_close, assert_shard_close, count_collectives, rank_world
 

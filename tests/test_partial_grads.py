@@ -58,9 +58,9 @@ def _zero(*models):
 def _watch_reduction(model):
     """Records, at the start and at the end of each all-reduce of a partial dX, whether wq's weight (a column reader of
     it) and wo's (the row layer after it, computed earlier) have their gradients."""
-    import dtp.views as views
+    import dtp.dtensor_conversions as conversions
 
-    seen, original = [], views.all_reduce
+    seen, original = [], conversions.all_reduce
     weights = (model[1].wq.weight, model[1].wo.weight)
 
     def watched(t, axis, *args, **kwargs):
@@ -74,8 +74,8 @@ def _watch_reduction(model):
 
         return Recorded()
 
-    views.all_reduce = watched
-    return seen, lambda: setattr(views, "all_reduce", original)
+    conversions.all_reduce = watched
+    return seen, lambda: setattr(conversions, "all_reduce", original)
 
 
 def case_block_gradients_and_overlap():
