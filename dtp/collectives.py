@@ -1,7 +1,8 @@
 """Collectives on local shards over one mesh axis, with torch.chunk-style uneven shards.
 
 They issue torch.distributed's c10d collectives (asynchronously, on the mesh axis's process
-group) directly on plain tensors, so the hot path pays for the communication and nothing else:
+group; an all-reduce through the group's own `allreduce`, as `dist.all_reduce` does after its
+checks) directly on plain tensors, so the hot path pays for the communication and nothing else:
 measured here, the `_c10d_functional` ops cost ~60 µs more per call in Python dispatch.  Each
 returns a `Pending` handle: start the collective, do other work, then `.wait()`.
 """
@@ -87,13 +88,32 @@ class Pending:
         return self._finish(self._tensor) if self._finish is not None else self._tensor
 
 
+_ALLREDUCE_OPTIONS: dict = {}  # reduce op name -> c10d AllreduceOptions (asynchronous)
+_coalescing = dist.distributed_c10d._world.pg_coalesce_state
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+
+
+def _allreduce_options(op: str):
+    opts = _ALLREDUCE_OPTIONS.get(op)
+    if opts is None:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = _OPS[op]
+        if hasattr(opts, "asyncOp"):  # torch >= 2.8
+            opts.asyncOp = True
+        _ALLREDUCE_OPTIONS[op] = opts
+    return opts
+
+
 def all_reduce(t: torch.Tensor, axis: AxisGroup, op: str = "sum", *, inplace: bool = False) -> Pending:
     """Sum (or max, min) of t over the axis, on every rank (one all-reduce).  With inplace (for a fresh tensor
     nobody else holds) the result is written into t; otherwise t is left alone."""
     out = t if inplace and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
     if axis.size == 1:
         return Pending(None, out)
-    return Pending(dist.all_reduce(out, _OPS[op], group=axis.group, async_op=True), out)
+    if out.is_complex() or _coalescing or _function_mode_on():  # what torch.distributed.all_reduce handles itself
+        return Pending(dist.all_reduce(out, _OPS[op], group=axis.group, async_op=True), out)
+    # the process group's own c10d all-reduce, as dist.all_reduce issues it (~15 µs less of Python a call)
+    return Pending(axis.group.allreduce([out], _allreduce_options(op)), out)
 
 
 def all_gather(t: torch.Tensor, dim: int, sizes: tuple[int, ...], axis: AxisGroup) -> Pending:
