@@ -23,15 +23,15 @@ from .partial_grads import defer, partial_grad, reduced_next
 __all__ = ["ColumnLinearFn", "RowLinearFn"]
 
 
-def _param_grads(ctx, needs: tuple, g, x, weight: DTensor, bias: DTensor | None, deferring=None) -> tuple:
+def _param_grads(ctx, needs: tuple, g, x, weight: DTensor, bias: DTensor | None, carry: list | None = None) -> tuple:
     """(dW, db) = (gᵀ x, Σ g) as the node's return values (no communication).  Where autograd would only store or add
-    them and `deferring` is given, their work is handed to it (run later, stored as autograd would) and both are None;
-    otherwise computed now and stored directly where that is all autograd would do (`hand_over`)."""
+    them and a `carry` list is given, their work is appended to it as a `Deferred` (run later, stored as autograd
+    would) and both are None; otherwise computed now and stored directly where that is all autograd would do."""
     need_w, need_b = needs[1], bias is not None and needs[2]
     if not (need_w or need_b):
         return None, None
     edges = ctx.next_functions
-    if deferring is not None and (not need_w or plain_leaf(edges, 1, weight)) and (
+    if carry is not None and (not need_w or plain_leaf(edges, 1, weight)) and (
             not need_b or plain_leaf(edges, 2, bias)):
         def work():
             grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
@@ -40,7 +40,7 @@ def _param_grads(ctx, needs: tuple, g, x, weight: DTensor, bias: DTensor | None,
             if need_b:
                 store_grad(bias, grad_b, dtype=bias.dtype)
 
-        deferring(work)
+        carry.append(defer(work))
         return None, None
     grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
     return (hand_over(edges, 1, grad_w, weight, dtype=weight.dtype),
@@ -121,8 +121,7 @@ class ColumnLinearFn(torch.autograd.Function):
                 pending = all_reduce(grad_x, axis, inplace=True)
             elif isinstance(in_dim, DTensorSpec):  # partial: summed with other readers', reduced by X's owner
                 carried = []  # dW / db, run while X's owner reduces dX
-                grad_w, grad_b = _param_grads(ctx, needs, g, x_full, weight, bias,
-                                              (lambda fn: carried.append(defer(fn))) if defer_grads else None)
+                grad_w, grad_b = _param_grads(ctx, needs, g, x_full, weight, bias, carried if defer_grads else None)
                 return partial_grad(grad_x, in_dim, tuple(carried)), grad_w, grad_b, None, None, None, None
             else:
                 pending = reduce_scatter(grad_x, in_dim, in_sizes, axis)

@@ -37,22 +37,34 @@ def replicate_parameters_(module: nn.Module, mesh: DeviceMesh) -> None:
         replicate_own_(owner, mesh)
 
 
+def _swap_in_locals(owners, read_local) -> list:
+    """Replace the DTensor parameters of each owner module (its own, not its children's) by read_local(param), the
+    default to_local reading them all through one autograd node; returns [(owner, name, param)] to restore."""
+    swapped = [(owner, name, param) for owner in owners
+               for name, param in owner._parameters.items() if isinstance(param, DTensor)]
+    if swapped:
+        locals_ = (to_locals([p for _, _, p in swapped]) if read_local is to_local
+                   else [read_local(p) for _, _, p in swapped])
+        for (owner, name, _), local in zip(swapped, locals_):
+            owner._parameters[name] = local
+    return swapped
+
+
+def _restore(swapped: list) -> None:
+    for owner, name, param in swapped:
+        owner._parameters[name] = param
+
+
 @contextmanager
 def local_parameters(module: nn.Module, read_local, recurse: bool = True):
     """Within the block, module's DTensor parameters read as read_local(param) (differentiable local views; the
     default to_local reads them all through one autograd node)."""
-    swapped = [(owner, name, param) for owner in (module.modules() if recurse else (module,))
-               for name, param in owner._parameters.items() if isinstance(param, DTensor)]
+    swapped = []
     try:
-        if swapped:
-            locals_ = (to_locals([p for _, _, p in swapped]) if read_local is to_local
-                       else [read_local(p) for _, _, p in swapped])
-            for (owner, name, _), local in zip(swapped, locals_):
-                owner._parameters[name] = local
+        swapped = _swap_in_locals(module.modules() if recurse else (module,), read_local)
         yield
     finally:
-        for owner, name, param in swapped:
-            owner._parameters[name] = param
+        _restore(swapped)
 
 
 def _has_dtensor(values) -> bool:
@@ -70,18 +82,11 @@ def local_forward(module: nn.Module, args, kwargs, read_local=to_local):
     if is_compiling() and read_local is to_local:  # traced: on replicated DTensors (no collective), local out
         mesh = next(p.device_mesh for p in module._parameters.values() if isinstance(p, DTensor))
         return module_forward_on_dtensors(module, mesh, args, kwargs)
-    params = module._parameters  # local_parameters(module, read_local, recurse=False), inlined: the hot path
-    swapped = [(name, p) for name, p in params.items() if isinstance(p, DTensor)]
-    if swapped:
-        locals_ = (to_locals([p for _, p in swapped]) if read_local is to_local
-                   else [read_local(p) for _, p in swapped])
-        for (name, _), local in zip(swapped, locals_):
-            params[name] = local
+    swapped = _swap_in_locals((module,), read_local)  # local_parameters without a context manager: the hot path
     try:
         return type(module).forward(module, *args, **kwargs)
     finally:
-        for name, param in swapped:
-            params[name] = param
+        _restore(swapped)
 
 
 def replicated_forward(self, *args, **kwargs):
