@@ -9,6 +9,7 @@ returns a `Pending` handle: start the collective, do other work, then `.wait()`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -63,14 +64,25 @@ def group_is_alive(group) -> bool:
     return group in dist.distributed_c10d._world.pg_map
 
 
+_AXES: dict[int, tuple] = {}  # id(mesh) -> (weakref to that mesh, its AxisGroup): never stored on the mesh itself
+
+
 def axis_of(mesh: DeviceMesh) -> AxisGroup:
-    """The collective group of a 1-D tensor-parallel mesh, cached on the mesh object itself and only while its group
-    lives: meshes compare equal across a destroy / init of the process group, their groups do not."""
+    """The collective group of a 1-D tensor-parallel mesh, cached per mesh object (by identity, off the mesh: anything
+    on a mesh travels into every DTensor's pickle, and a ProcessGroup cannot be pickled) while its group lives:
+    meshes compare equal across a destroy / init of the process group, their groups do not."""
     mesh = _real_mesh(mesh)  # as torch's own collectives unwrap it
-    axis = getattr(mesh, "_dtp_axis", None)
-    if axis is None or not group_is_alive(axis.group):
-        axis = AxisGroup.of(mesh)
-        mesh._dtp_axis = axis
+    key = id(mesh)
+    hit = _AXES.get(key)
+    if hit is not None and hit[0]() is mesh and group_is_alive(hit[1].group):
+        return hit[1]
+    axis = AxisGroup.of(mesh)
+
+    def forget(ref, key=key):
+        if _AXES.get(key, (None,))[0] is ref:
+            del _AXES[key]
+
+    _AXES[key] = (weakref.ref(mesh, forget), axis)
     return axis
 
 

@@ -16,12 +16,13 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .autograd_apply import direct_apply
 from .collectives import all_reduce, axis_of
-from .param_grads import hand_over
+from .autograd_collectives import reduce_from
+from .param_grads import hand_over, param_grad
 from .partial_grads import reducing_node, run_deferred
 from .params import contiguous_stride
 from .traceable import is_compiling
 
-__all__ = ["to_local", "to_locals", "from_local", "spec_of", "partial_spec"]
+__all__ = ["to_local", "to_locals", "from_local", "replicated_local", "spec_of", "partial_spec"]
 
 
 _PARTIAL, _REPLICATE = (Partial(),), (Replicate(),)
@@ -60,15 +61,15 @@ class _ToLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grad_spec):
         ctx.grad_spec = grad_spec
-        ctx.param = x if x.is_leaf else None  # a parameter: its gradient goes to param.grad
         local = x._local_tensor
         return local.view_as(local)
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.param is not None:
-            return hand_over(ctx.next_functions, 0, g, ctx.param, ctx.grad_spec), None
-        return DTensor.__new__(DTensor, g.contiguous(), ctx.grad_spec, requires_grad=False), None
+        if torch.is_grad_enabled():  # create_graph: the gradient as a differentiable function of g
+            return _FromLocal.apply(g, ctx.grad_spec, None), None
+        # g may be shared with other gradients: autograd stores it (AccumulateGrad decides whether to copy)
+        return param_grad(g, ctx.grad_spec), None
 
 
 class _ToLocals(torch.autograd.Function):
@@ -77,13 +78,14 @@ class _ToLocals(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *params):
         ctx.set_materialize_grads(False)  # a parameter the forward never read keeps grad None
-        ctx.params = params
+        ctx.specs = tuple(p._spec for p in params)
         return tuple(p._local_tensor.view_as(p._local_tensor) for p in params)
 
     @staticmethod
     def backward(ctx, *grads):
-        edges = ctx.next_functions
-        return tuple(hand_over(edges, i, g, p) for i, (g, p) in enumerate(zip(grads, ctx.params)))
+        if torch.is_grad_enabled():
+            return tuple(None if g is None else _FromLocal.apply(g, spec, None) for g, spec in zip(grads, ctx.specs))
+        return tuple(param_grad(g, spec) for g, spec in zip(grads, ctx.specs))
 
 
 @reducing_node
@@ -98,15 +100,35 @@ class _FromLocal(torch.autograd.Function):
         if not isinstance(g, DTensor):
             return g, None, None
         have, want = g._spec.placements, ctx.spec.placements
+        if torch.is_grad_enabled():  # create_graph: the same conversions, differentiable
+            if have == want or (want == _PARTIAL and have == _REPLICATE):
+                return _ToLocal.apply(g, g._spec), None, None
+            if have == _PARTIAL and want == _REPLICATE:
+                return reduce_from(_ToLocal.apply(g, g._spec), ctx.axis or axis_of(ctx.spec.mesh)), None, None
+            return g.redistribute(ctx.spec.mesh, want).to_local(), None, None
         if have == want:
             return g._local_tensor, None, None
         if have == _PARTIAL and want == _REPLICATE:
-            pending = all_reduce(g._local_tensor, ctx.axis)  # the one reduction of the readers' partial dX ...
-            run_deferred(g)  # ... overlapped with their weight gradients
+            pending = all_reduce(g._local_tensor, ctx.axis or axis_of(ctx.spec.mesh))  # the one reduction ...
+            run_deferred(g)  # ... overlapped with the readers' weight gradients
             return pending.wait(), None, None
         if want == _PARTIAL and have == _REPLICATE:
             return g._local_tensor, None, None  # as torch: a replicated gradient of a Partial input stays as it is
         return g.redistribute(ctx.spec.mesh, want)._local_tensor, None, None
+
+
+class _ReplicatedLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, param, axis):
+        ctx.param, ctx.axis = param, axis
+        local = param._local_tensor
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            return _FromLocal.apply(reduce_from(g, ctx.axis), ctx.param._spec, ctx.axis), None
+        return hand_over(ctx.next_functions, 0, all_reduce(g, ctx.axis).wait(), ctx.param), None
 
 
 _to_locals, _from_local = direct_apply(_ToLocals), direct_apply(_FromLocal)
@@ -137,3 +159,8 @@ def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, glob
         return DTensor.from_local(local, mesh, (placement,), run_check=False, shape=shape,
                                   stride=contiguous_stride(shape))
     return _from_local(local, spec_of(mesh, placement, global_shape, local.dtype), axis_of(mesh))
+
+
+def replicated_local(param: DTensor, axis) -> torch.Tensor:
+    """The local tensor of a replicated DTensor parameter; backward all-reduces its gradient (Partial -> Replicate)."""
+    return _ReplicatedLocal.apply(param, axis)

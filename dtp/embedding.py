@@ -82,7 +82,7 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
         y = y if isinstance(layout, Partial) else y.redistribute(mesh, [layout])
         return y.to_local() if use_local_output else y
     if isinstance(layout, Replicate):
-        y = reduce_from(partial, axis)
+        y = reduce_from(partial, axis, inplace=True)
     elif isinstance(layout, Shard):  # any dim, the hidden one included (1-D ids: Shard(1) is the hidden dim)
         dim = layout.dim % partial.dim()
         y = sequence_scatter(partial, dim, chunk_sizes(partial.shape[dim], axis.size), axis)

@@ -16,11 +16,15 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
+from torch.distributed.tensor import Partial
+
+from .autograd_collectives import copy_to, gather_from, reduce_from, sequence_gather, sequence_scatter, split_to
 from .collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
-from .param_grads import hand_over, plain_leaf, store_grad
+from .dtensor_conversions import to_local
+from .param_grads import grads_by_recompute, hand_over, plain_leaf, store_grad
 from .partial_grads import defer, partial_grad, reduced_next
 
-__all__ = ["ColumnLinearFn", "RowLinearFn"]
+__all__ = ["ColumnLinearFn", "RowLinearFn", "column_reference", "row_reference"]
 
 
 def _param_grads(ctx, needs: tuple, g, x, weight: DTensor, bias: DTensor | None, carry: list | None = None) -> tuple:
@@ -74,6 +78,43 @@ def _autocast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
     return x.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
 
 
+def _local_params(weight: DTensor, bias: DTensor | None):
+    return to_local(weight), (None if bias is None else to_local(bias))
+
+
+def column_reference(x, weight, bias, axis, in_dim, in_sizes, out_sizes):
+    """ColumnLinearFn's math in differentiable ops (dtp.autograd_collectives): what its create_graph backward
+    differentiates."""
+    if isinstance(in_dim, DTensorSpec):
+        x = to_local(x, Partial())
+    elif in_dim is None:
+        x = copy_to(x, axis)
+    else:
+        x = sequence_gather(x, in_dim, in_sizes, axis)
+    w, b = _local_params(weight, bias)
+    x, w, b = _autocast(x, w, b)
+    y = F.linear(x, w, b)
+    return gather_from(y, -1, out_sizes, axis) if out_sizes is not None else y
+
+
+def row_reference(x, weight, bias, axis, in_sizes, split_input, out_dim):
+    """RowLinearFn's math in differentiable ops (dtp.autograd_collectives): what its create_graph backward
+    differentiates."""
+    if split_input:
+        x = split_to(x, -1, in_sizes, axis)
+    w, b = _local_params(weight, bias)
+    x, w, _ = _autocast(x, w, None)
+    partial = F.linear(x, w)
+    if out_dim is None:
+        y = reduce_from(partial, axis, inplace=True)
+    else:
+        sizes = chunk_sizes(partial.shape[out_dim], axis.size)
+        y = sequence_scatter(partial, out_dim, sizes, axis)
+        if b is not None and out_dim == y.dim() - 1:
+            b = b.narrow(0, sum(sizes[: axis.rank]), sizes[axis.rank])
+    return y if b is None else y + b.to(y.dtype)
+
+
 class ColumnLinearFn(torch.autograd.Function):
     """Y = X Wᵀ + b, W Shard(0): fwd all-gather X (if sequence-sharded) and Y (if gathered); bwd one collective on dX.
 
@@ -88,7 +129,7 @@ class ColumnLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, axis, in_dim, in_sizes, out_sizes):
         w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
         b = None if bias is None else bias._local_tensor.detach()
-        x_dtype = x.dtype
+        x_dtype, x_in = x.dtype, x
         defer_grads = False
         if isinstance(in_dim, DTensorSpec):  # a replicated DTensor input: its local tensor, no to_local node
             defer_grads = reduced_next(x)  # dX goes straight to dtp's reduction: dW / db may ride along
@@ -96,7 +137,7 @@ class ColumnLinearFn(torch.autograd.Function):
         x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
         x_full, w, b = _autocast(x_full, w, b)
         y = F.linear(x_full, w, b)
-        ctx.save_for_backward(x_full, w)
+        ctx.save_for_backward(x_full, w, x_in)
         ctx.params = (weight, bias)
         ctx.layout = (axis, in_dim, in_sizes, out_sizes, x_dtype, defer_grads)
         if out_sizes is not None:
@@ -105,9 +146,12 @@ class ColumnLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x_full, w = ctx.saved_tensors
+        x_full, w, x_in = ctx.saved_tensors
         weight, bias = ctx.params
         axis, in_dim, in_sizes, out_sizes, x_dtype, defer_grads = ctx.layout
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients (exact second derivatives)
+            return grads_by_recompute(column_reference, (x_in, weight, bias, axis, in_dim, in_sizes, out_sizes),
+                                      (g,), ctx.needs_input_grad)
         if out_sizes is not None:  # gathered output: keep our slice of the (replicated) gradient
             g = g.narrow(-1, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
         if g.dtype != w.dtype:
@@ -137,7 +181,7 @@ class RowLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, axis, in_sizes, split_input, out_dim):
         w = weight._local_tensor.detach()  # a plain alias: the param may be a from_local view (DDP, the shim)
-        x_dtype = x.dtype
+        x_dtype, x_in = x.dtype, x
         if split_input:  # a full input: keep our slice of its last dim, no communication
             x = x.narrow(-1, sum(in_sizes[: axis.rank]), in_sizes[axis.rank])
         x, w, _ = _autocast(x, w, None)
@@ -148,7 +192,7 @@ class RowLinearFn(torch.autograd.Function):
         else:
             out_sizes = chunk_sizes(partial.shape[out_dim], axis.size)
             pending = reduce_scatter(partial, out_dim, out_sizes, axis)
-        ctx.save_for_backward(x, w)  # the bookkeeping while the collective is in flight
+        ctx.save_for_backward(x, w, x_in)  # the bookkeeping while the collective is in flight
         ctx.params = (weight, bias)
         ctx.layout = (axis, in_sizes, split_input, out_dim, out_sizes, x_dtype)
         y = pending.wait()
@@ -161,9 +205,12 @@ class RowLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
+        x, w, x_in = ctx.saved_tensors
         weight, bias = ctx.params
         axis, in_sizes, split_input, out_dim, out_sizes, x_dtype = ctx.layout
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients (exact second derivatives)
+            return grads_by_recompute(row_reference, (x_in, weight, bias, axis, in_sizes, split_input, out_dim),
+                                      (g,), ctx.needs_input_grad)
         if out_dim is not None:  # scattered output: every rank needs the whole gradient
             g = all_gather(g, out_dim, out_sizes, axis).wait()
         if g.dtype != w.dtype:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from .autograd_collectives import sequence_scatter, split_to
 from .collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
 from .params import same_placement
 from .partial_grads import reducing_node, run_deferred
@@ -42,6 +43,12 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dim, sizes, axis = ctx.layout
+        if torch.is_grad_enabled():  # create_graph: the same reduction, differentiable
+            if isinstance(g, DTensor) and g.placements == (Partial(),):
+                return sequence_scatter(to_local(g), dim, sizes, axis), None, None, None, None
+            if isinstance(g, DTensor):
+                g = to_local(g.redistribute(g.device_mesh, [Replicate()]))
+            return split_to(g, dim, sizes, axis), None, None, None, None
         if isinstance(g, DTensor) and g.placements == (Partial(),):
             pending = reduce_scatter(g._local_tensor, dim, sizes, axis)
             run_deferred(g)  # the readers' weight gradients, while the reduce-scatter is in flight

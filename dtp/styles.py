@@ -28,7 +28,7 @@ from .embedding import column_embedding, replicated_ids, vocab_parallel_embeddin
 from .functional import dtensor_forward, is_last_dim
 from .linear_forward import ColumnForward, RowForward
 from .params import shard_parameter
-from .autograd_collectives import replicated_local
+from .dtensor_conversions import replicated_local
 from .replicated_params import local_forward, replicate_own_, replicate_parameters_
 from .sequence import sequence_parallel_forward
 from .style_base import ParallelStyle
