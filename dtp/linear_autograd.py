@@ -110,8 +110,8 @@ def row_reference(x, weight, bias, axis, in_sizes, split_input, out_dim):
     else:
         sizes = chunk_sizes(partial.shape[out_dim], axis.size)
         y = sequence_scatter(partial, out_dim, sizes, axis)
-        if b is not None and out_dim == y.dim() - 1:
-            b = b.narrow(0, sum(sizes[: axis.rank]), sizes[axis.rank])
+        if b is not None:  # each rank adds it to its own rows: its gradient is summed (or gathered) over the axis
+            b = split_to(b, 0, sizes, axis) if out_dim == y.dim() - 1 else copy_to(b, axis)
     return y if b is None else y + b.to(y.dtype)
 
 

@@ -6,10 +6,40 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .autograd_collectives import reduce_from
 from .collectives import all_reduce, axis_of, chunk_offset, chunk_sizes
 from .mesh import tp_submesh
+from .param_grads import grads_by_recompute
 
 __all__ = ["vocab_parallel_cross_entropy"]
+
+
+def _token_losses(logits, target, axis, vocab, ignore_index, smoothing, reduce_sums):
+    """(per-token loss, exp(z - max), the reduced [Σ exp, z_target, Σ z], target - shard start, mine, valid): the
+    loss's math on this rank's logit shard, its sums reduced over the axis by reduce_sums (one all-reduce)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32 math
+    rows = z.shape[-1]
+    start = chunk_offset(vocab, axis.size, axis.rank)
+    local_max = z.detach().max(-1).values if rows else z.new_full(z.shape[:-1], float("-inf"))
+    # stable: shift by the global max (a constant: the loss does not depend on it, so no gradient flows through it)
+    z = z - all_reduce(local_max, axis, "max", inplace=True).wait().unsqueeze(-1)
+    e = z.exp()
+    valid = target != ignore_index
+    t_local = target - start
+    mine = valid & (t_local >= 0) & (t_local < rows)
+    z_target = (z.gather(-1, t_local.clamp(0, max(rows - 1, 0)).unsqueeze(-1)).squeeze(-1) * mine
+                if rows else z.new_zeros(z.shape[:-1]))
+    sums = reduce_sums(torch.stack([e.sum(-1), z_target, z.sum(-1)]))
+    lse = sums[0].log()
+    nll = lse - sums[1]
+    loss = (1 - smoothing) * nll + smoothing * (lse - sums[2] / vocab) if smoothing else nll
+    return loss * valid, e, sums, t_local, mine, valid
+
+
+def _cross_entropy_reference(logits, target, axis, vocab, ignore_index, smoothing):
+    """The loss's math in differentiable ops: what its create_graph backward differentiates."""
+    return _token_losses(logits, target, axis, vocab, ignore_index, smoothing,
+                         lambda t: reduce_from(t, axis, inplace=True))[0]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -17,30 +47,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, axis, vocab, ignore_index, smoothing):
-        z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32 math
-        rows = z.shape[-1]
-        start = chunk_offset(vocab, axis.size, axis.rank)
-        local_max = z.max(-1).values if rows else z.new_full(z.shape[:-1], float("-inf"))
-        z = z - all_reduce(local_max, axis, "max", inplace=True).wait().unsqueeze(-1)  # stable: shift by the global max
-        e = z.exp()
-        valid = target != ignore_index
-        t_local = target - start
-        mine = valid & (t_local >= 0) & (t_local < rows)
-        z_target = (z.gather(-1, t_local.clamp(0, max(rows - 1, 0)).unsqueeze(-1)).squeeze(-1) * mine
-                    if rows else z.new_zeros(z.shape[:-1]))
-        sums = all_reduce(torch.stack([e.sum(-1), z_target, z.sum(-1)]), axis, inplace=True).wait()
-        lse = sums[0].log()
-        nll = lse - sums[1]
-        loss = (1 - smoothing) * nll + smoothing * (lse - sums[2] / vocab) if smoothing else nll
-        loss = loss * valid
+        loss, e, sums, t_local, mine, valid = _token_losses(
+            logits, target, axis, vocab, ignore_index, smoothing, lambda t: all_reduce(t, axis, inplace=True).wait())
         softmax = e.div_(sums[0].unsqueeze(-1))
-        ctx.save_for_backward(softmax, t_local, mine, valid)
+        ctx.save_for_backward(softmax, t_local, mine, valid, logits)
         ctx.smoothing, ctx.vocab, ctx.dtype = smoothing, vocab, logits.dtype
+        ctx.layout = (target, axis, vocab, ignore_index, smoothing)
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        softmax, t_local, mine, valid = ctx.saved_tensors
+        softmax, t_local, mine, valid, logits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients (exact second derivatives)
+            return grads_by_recompute(_cross_entropy_reference, (logits,) + ctx.layout, (g,), ctx.needs_input_grad)
         grad = softmax.clone()
         if softmax.shape[-1]:
             idx = t_local.clamp(0, softmax.shape[-1] - 1).unsqueeze(-1)
