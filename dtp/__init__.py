@@ -2,23 +2,23 @@
 
 from torch.distributed.tensor import Partial, Replicate, Shard
 
-from .embedding import VocabParallelEmbedding, column_embedding, vocab_parallel_embedding
-from .functional import column_linear, row_linear
-from .layers import ColumnParallelLinear, RowParallelLinear
-from .checkpoint import full_state_dict, load_full_state_dict, packed_layouts
-from .sharded_checkpoint import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
-from .compose import clip_grad_norm_, fully_shard, parallelize_2d
-from .data_parallel import replicate_over
-from .loss import vocab_parallel_cross_entropy
-from .mesh import default_mesh, init_mesh
-from .parallelize import applied_styles, explain_plan, parallelize_module
-from .replicas import ReplicaMismatch, check_replicas
-from .verify import VerifyReport, verify
-from .module_io import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
-from .style_base import ParallelStyle
-from .styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
-from .packed import PackedLayout
-from .packed_styles import PackedColwiseParallel, PackedRowwiseParallel
+from dtp.ops.embedding import column_embedding, vocab_parallel_embedding
+from dtp.ops.functional import column_linear, row_linear
+from dtp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from dtp.checkpoint.full import full_state_dict, load_full_state_dict, packed_layouts
+from dtp.checkpoint.sharded import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
+from dtp.compose import clip_grad_norm_, fully_shard, parallelize_2d
+from dtp.data_parallel import replicate_over
+from dtp.ops.loss import vocab_parallel_cross_entropy
+from dtp.mesh import default_mesh, init_mesh
+from dtp.plan.parallelize import applied_styles, explain_plan, parallelize_module
+from dtp.replica_check import ReplicaMismatch, check_replicas
+from dtp.verify import VerifyReport, verify
+from dtp.plan.module_io import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
+from dtp.plan.style import ParallelStyle
+from dtp.plan.styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
+from dtp.ops.packed import PackedLayout
+from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
 
 __all__ = [
     # layers and their functional core

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .collectives import chunk_sizes
+from dtp.runtime.collectives import chunk_sizes
 
 __all__ = ["Collective", "CommReport", "predict", "measure"]
 

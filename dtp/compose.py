@@ -12,10 +12,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .collectives import group_is_alive
-from .data_parallel import replicate_over
-from .mesh import check_member
-from .parallelize import _matches, parallelize_module
+from dtp.runtime.collectives import group_is_alive
+from dtp.data_parallel import replicate_over
+from dtp.mesh import check_member
+from dtp.plan.parallelize import _matches, parallelize_module
 
 __all__ = ["parallelize_2d", "fully_shard", "clip_grad_norm_"]
 

@@ -16,8 +16,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from .collectives import AxisGroup, all_reduce
-from .mesh import check_member
+from dtp.runtime.collectives import AxisGroup, all_reduce
+from dtp.mesh import check_member
 
 __all__ = ["replicate_over"]
 

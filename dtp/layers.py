@@ -1,4 +1,5 @@
-"""Column- and row-parallel Linear layers whose parameters are DTensors on a 1-D tensor-parallel mesh."""
+"""Column- and row-parallel Linear layers and the vocab-parallel embedding, whose parameters are DTensors on a 1-D
+tensor-parallel mesh."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from .linear_forward import ColumnForward, RowForward
-from .mesh import tp_submesh
-from .packed import PackedLayout, PackedOutput, mark_packed, resolve_blocks
-from .params import broadcast_from, local_slice, shard_parameter
-from .replicas import check_replicas
+from dtp.ops.embedding import vocab_parallel_embedding
+from dtp.ops.linear_forward import ColumnForward, RowForward
+from dtp.mesh import tp_submesh
+from dtp.ops.packed import PackedLayout, PackedOutput, mark_packed, resolve_blocks
+from dtp.runtime.sharding import broadcast_from, local_slice, shard_parameter
+from dtp.replica_check import check_replicas
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding"]
 
 
 def _check_features(cls_name: str, in_features, out_features) -> None:
@@ -153,7 +155,7 @@ class ColumnParallelLinear(_ParallelLinear):
     dim (no collective), ready for a RowParallelLinear.
 
     `blocks=` packs the output features (nanoGPT's c_attn = [q, k, v]: `blocks=3`; GQA: `blocks=(q, kv, kv)` sizes;
-    see dtp.packed): rank r holds W_r = cat_i chunk_r(W_i) and b likewise, so its output slice is [q_r, k_r, v_r]
+    see dtp.ops.packed): rank r holds W_r = cat_i chunk_r(W_i) and b likewise, so its output slice is [q_r, k_r, v_r]
     with the same collectives; a gathered output is put back in block order locally.  `.weight` is then a Shard(0)
     DTensor of the packed order; dtp.full_state_dict and checkpoints give and take the original layout.
     """
@@ -216,3 +218,33 @@ class RowParallelLinear(_ParallelLinear):
 
     def _layout_repr(self) -> str:
         return f"input_is_parallel={self.input_is_parallel}, output_layout={self.output_layout}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """nn.Embedding with its rows split over the vocab (Shard(0)); forward all-reduce (or reduce-scatter onto Shard(1))."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 device_mesh: DeviceMesh | None = None, output_layout: Placement | None = None,
+                 use_local_output: bool = True, _weight: torch.Tensor | None = None, device=None, dtype=None):
+        super().__init__()
+        # the full table drawn as nn.Embedding draws it (same values per seed), then sliced locally
+        full = nn.Embedding(num_embeddings, embedding_dim, padding_idx, _weight=_weight, device=device, dtype=dtype)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, full.padding_idx
+        self.device_mesh = tp_submesh(device_mesh, "VocabParallelEmbedding")
+        self.output_layout = output_layout or Replicate()
+        self.use_local_output = use_local_output
+        self.weight = shard_parameter(full.weight, self.device_mesh, Shard(0))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, device_mesh: DeviceMesh | None = None, **kwargs):
+        """A vocab-parallel copy of an nn.Embedding: each rank keeps its rows."""
+        return cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                   device_mesh=device_mesh, _weight=embedding.weight.detach(), **kwargs)
+
+    def forward(self, ids):
+        return vocab_parallel_embedding(ids, self.weight, padding_idx=self.padding_idx,
+                                        output_layout=self.output_layout, use_local_output=self.use_local_output)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+                f"tp={self.device_mesh.size()}, output_layout={self.output_layout}")

@@ -12,11 +12,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .checkpoint import packed_layouts, plain_name, unwrap
-from .compose import fully_shard, parallelize_2d
-from .mesh import init_mesh
-from .parallelize import _matches, parallelize_module
-from .replicas import check_replicas
+from dtp.checkpoint.full import packed_layouts, plain_name, unwrap
+from dtp.compose import fully_shard, parallelize_2d
+from dtp.mesh import init_mesh
+from dtp.plan.parallelize import _matches, parallelize_module
+from dtp.replica_check import check_replicas
 
 __all__ = ["verify", "VerifyReport", "MODES"]
 

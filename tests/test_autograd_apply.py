@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dtp.autograd_apply import direct_apply
+from dtp.runtime.apply import direct_apply
 
 
 class _Scale(torch.autograd.Function):

@@ -111,7 +111,7 @@ def case_interrupted_save(path):
     model, opt = build("tp")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         dtp.load_checkpoint(path, model, opt)
-    import dtp.sharded_checkpoint as ckpt
+    import dtp.checkpoint.sharded as ckpt
 
     original = ckpt._finalize
     ckpt._finalize = lambda partial, final: (_ for _ in ()).throw(RuntimeError("killed"))

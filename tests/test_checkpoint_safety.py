@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import dtp
-import dtp.sharded_checkpoint as ckpt
+import dtp.checkpoint.sharded as ckpt
 from examples.gpt import GPT, GPTConfig, tp_plan
 
 from .test_checkpoint import CFG, build, full_states

@@ -69,31 +69,3 @@ def test_predicted_collectives_equal_measured(pools, world, case):
         assert counts == Counter({("forward", "all_reduce"): 7, ("backward", "all_reduce"): 5})
     if case == "gpt_sp":
         assert ("forward", "all_reduce") in counts and counts[("forward", "all_reduce")] == 2  # the loss's only
-
-
-def test_benchmark_runs_and_reports(pools):
-    """A smoke run of every benchmark shape (timings are not asserted: they live in the README, measured)."""
-    from dtp.bench import _row, _table, bench_rank
-
-    rows = []
-    for shape in ("small", "block", "llama", "llama-sp"):
-        result = pools.run(2, bench_rank, shape, 2, 1)[0]
-        variants = {"dtp", "torch", "single"} | ({"hand"} if shape != "llama-sp" else set())
-        assert set(result["median"]) == variants
-        assert result["param_mib"]["dtp"] < result["param_mib"]["single"]
-        assert set(result["plan_ms"]) == {"dtp", "dtp_local", "torch"} and min(result["plan_ms"].values()) > 0
-        rows.append(_row(shape, 2, "gloo", result))
-    table = _table(rows)
-    assert "dtp/torch" in table and all(f"| {s} | 2 |" in table for s in ("small", "block", "llama", "llama-sp"))
-    profiled = pools.run(2, bench_rank, "small", 1, 1, False, True)
-    assert set(profiled[0]["profile"]) == {"dtp", "torch", "hand"} and profiled[1]["profile"] == {}
-    assert "Self CPU" in profiled[0]["profile"]["dtp"] and "aten::" in profiled[0]["profile"]["dtp"]
-
-
-def test_overhead_benchmark_runs(pools):
-    """A smoke run of `python -m dtp.bench_overhead`'s per-rank part (timings are not asserted)."""
-    from dtp.bench_overhead import overhead_rank
-
-    result = pools.run(2, overhead_rank, "small", 4)[0]
-    assert set(result) == {"dtp", "hand", "dtp - hand"}
-    assert all(len(v) == 2 and all(isinstance(t, int) for t in v) for v in result.values())

@@ -14,9 +14,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.func import functional_call
 
 import dtp
-from dtp.autograd_collectives import split_to
-from dtp.collectives import axis_of, chunk_sizes
-from dtp.dtensor_conversions import from_local
+from dtp.runtime.mappings import split_to
+from dtp.runtime.collectives import axis_of, chunk_sizes
+from dtp.runtime.conversions import from_local
 from examples.gpt import GPT, GPTConfig, tp_plan
 
 from .reference import assert_close

@@ -7,8 +7,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import dtp
-from dtp.params import local_slice
-from dtp.dtensor_conversions import from_local
+from dtp.runtime.sharding import local_slice
+from dtp.runtime.conversions import from_local
 
 from .reference import assert_close, assert_shard_close, count_collectives, rank_world
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import dtp
-from dtp.hf_plans import HF_STYLES, hf_parameter_placement
+from dtp.plan.hf_plans import HF_STYLES, hf_parameter_placement
 
 from .reference import assert_close
 

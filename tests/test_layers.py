@@ -6,7 +6,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import dtp
-from dtp.params import local_slice
+from dtp.runtime.sharding import local_slice
 
 from .reference import assert_close, assert_shard_close, rank_world
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 import dtp
-from dtp.collectives import axis_of, group_is_alive
+from dtp.runtime.collectives import axis_of, group_is_alive
 
 from .reference import assert_close
 

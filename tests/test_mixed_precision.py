@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 import dtp
 import parallel_linear
-from dtp.params import local_slice
+from dtp.runtime.sharding import local_slice
 from examples.gpt import GPT, GPTConfig, tp_plan
 
 from .reference import assert_close
@@ -152,7 +152,7 @@ def test_tp_fsdp2_mixed_precision_policy(pools):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_autocast_single_gpu(dtype):
     """The autograd functions on one CUDA device (a 1-rank mesh needs a process group: run where NCCL is set up)."""
-    from dtp.linear_autograd import _autocast
+    from dtp.ops.linear_autograd import _autocast
 
     x, w = torch.randn(3, 8, device="cuda"), torch.randn(4, 8, device="cuda")
     with torch.autocast("cuda", dtype):

@@ -130,7 +130,7 @@ def case_src_data_rank(src):
         if src is None:  # each rank's own slice
             expected = dict(mine.named_parameters())[name]
             placement = p.placements[0]
-            from dtp.params import local_slice
+            from dtp.runtime.sharding import local_slice
             assert torch.equal(p.to_local(), local_slice(expected.detach(), placement, mesh.size(), rank)), name
         else:
             assert torch.equal(full(p), rank0[0][name]), f"{name}: not rank 0's values"
@@ -138,7 +138,7 @@ def case_src_data_rank(src):
             assert torch.equal(p.to_local(), dict(theirs.named_parameters())[name].to_local()), name
     layer = dtp.ColumnParallelLinear.from_linear(mine[0], mesh, **kwargs)
     expected = rank0[0]["0.weight"] if src is not None else mine[0].weight.detach()
-    from dtp.params import local_slice
+    from dtp.runtime.sharding import local_slice
     assert torch.equal(layer.weight.to_local(), local_slice(expected, Shard(0), mesh.size(), rank))
     return dict(counts)
 

@@ -9,8 +9,8 @@ from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 
 import dtp
-from dtp.overlap import chunk_rows, chunked_row_linear
-from dtp.params import local_slice
+from dtp.ops.overlap import chunk_rows, chunked_row_linear
+from dtp.runtime.sharding import local_slice
 
 from .reference import assert_close, assert_shard_close, expect_errors, rank_world, record_collectives
 

@@ -52,7 +52,7 @@ def _mlp_pair(seed=0):
 
 def _count_autograd_handoffs():
     """A counter of the parameter gradients autograd delivered itself (GradDTensor's detach in AccumulateGrad)."""
-    from dtp.param_grads import GradDTensor
+    from dtp.runtime.grads import GradDTensor
 
     calls = []
     original = GradDTensor.__torch_dispatch__.__func__

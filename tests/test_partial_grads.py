@@ -1,5 +1,5 @@
 """Column layers behind a replicated DTensor input hand back dX first and run dW / db while its all-reduce is in flight
-(dtp.partial_grads): the gradients are those of the single-process model whoever reduces dX, with accumulation,
+(dtp.runtime.grads): the gradients are those of the single-process model whoever reduces dX, with accumulation,
 a layer read twice, hooks, backward(inputs=) and torch.autograd.grad."""
 
 import copy
@@ -9,9 +9,15 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 import dtp
-from dtp.bench import _block_plan
-
 from .reference import assert_close
+
+
+def _block_plan(styles):
+    """A transformer block's plan: attention and MLP behind a replicated PrepareModuleInput, column then row layers."""
+    replicated = styles.PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
+    return {"attention": replicated, "attention.w[qkv]": styles.ColwiseParallel(),
+            "attention.wo": styles.RowwiseParallel(), "mlp": copy.deepcopy(replicated),
+            "mlp.up": styles.ColwiseParallel(), "mlp.down": styles.RowwiseParallel()}
 
 
 class _Mixer(nn.Module):
@@ -58,7 +64,7 @@ def _zero(*models):
 def _watch_reduction(model):
     """Records, at the start and at the end of each all-reduce of a partial dX, whether wq's weight (a column reader of
     it) and wo's (the row layer after it, computed earlier) have their gradients."""
-    import dtp.dtensor_conversions as conversions
+    import dtp.runtime.conversions as conversions
 
     seen, original = [], conversions.all_reduce
     weights = (model[1].wq.weight, model[1].wo.weight)

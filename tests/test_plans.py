@@ -9,8 +9,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import dtp
-from dtp.parallelize import _matches
-from dtp.params import local_slice
+from dtp.plan.parallelize import _matches
+from dtp.runtime.sharding import local_slice
 from examples.gpt import GPT, GPTConfig, tp_plan
 
 from .reference import assert_close

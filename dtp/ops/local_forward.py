@@ -1,0 +1,64 @@
+"""Running a module on the local tensors of its DTensor parameters (differentiable views; no collective)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from dtp.runtime.traced import is_compiling, module_forward_on_dtensors
+from dtp.runtime.conversions import to_local, to_locals
+
+__all__ = ["local_parameters", "local_forward"]
+
+
+def _swap_in_locals(owners, read_local) -> list:
+    """Replace the DTensor parameters of each owner module (its own, not its children's) by read_local(param), the
+    default to_local reading them all through one autograd node; returns [(owner, name, param)] to restore."""
+    swapped = [(owner, name, param) for owner in owners
+               for name, param in owner._parameters.items() if isinstance(param, DTensor)]
+    if swapped:
+        locals_ = (to_locals([p for _, _, p in swapped]) if read_local is to_local
+                   else [read_local(p) for _, _, p in swapped])
+        for (owner, name, _), local in zip(swapped, locals_):
+            owner._parameters[name] = local
+    return swapped
+
+
+def _restore(swapped: list) -> None:
+    for owner, name, param in swapped:
+        owner._parameters[name] = param
+
+
+@contextmanager
+def local_parameters(module: nn.Module, read_local, recurse: bool = True):
+    """Within the block, module's DTensor parameters read as read_local(param) (differentiable local views; the
+    default to_local reads them all through one autograd node)."""
+    swapped = []
+    try:
+        swapped = _swap_in_locals(module.modules() if recurse else (module,), read_local)
+        yield
+    finally:
+        _restore(swapped)
+
+
+def _has_dtensor(values) -> bool:
+    for v in values:
+        if isinstance(v, DTensor):
+            return True
+    return False
+
+
+def local_forward(module: nn.Module, args, kwargs, read_local=to_local):
+    """module's own forward; on plain inputs its own DTensor parameters read as read_local(param) (no collective by
+    default), on DTensor inputs it runs on DTensors (DTensor semantics)."""
+    if _has_dtensor(args) or (kwargs and _has_dtensor(kwargs.values())):
+        return type(module).forward(module, *args, **kwargs)
+    if is_compiling() and read_local is to_local:  # traced: on replicated DTensors (no collective), local out
+        mesh = next(p.device_mesh for p in module._parameters.values() if isinstance(p, DTensor))
+        return module_forward_on_dtensors(module, mesh, args, kwargs)
+    swapped = _swap_in_locals((module,), read_local)  # local_parameters without a context manager: the hot path
+    try:
+        return type(module).forward(module, *args, **kwargs)
+    finally:
+        _restore(swapped)

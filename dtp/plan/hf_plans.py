@@ -1,0 +1,120 @@
+"""Hugging Face plan strings (`model.tp_plan`, `config.base_model_tp_plan`) as dtp styles, with the meaning
+transformers registers for each (transformers.distributed.tensor_parallel):
+
+    colwise                                   ColwiseParallel()                        out Shard(-1)
+    colwise_rep, colwise_gather_output        ColwiseParallel(output_layouts=Replicate())
+    rowwise                                   RowwiseParallel()                        in Shard(-1), out Replicate
+    rowwise_rep, rowwise_split_input          RowwiseParallel(input_layouts=Replicate())
+    embedding_rowwise                         VocabParallel()                          E Shard(0), out Replicate
+    embedding_colwise                         ColwiseParallel(output_layouts=Replicate())   E Shard(1)
+    sequence_parallel                         SequenceParallel(use_local_output=True)
+    replicate, local_params                   ReplicateParallel()                      forward on local tensors
+    replicated_with_grad_allreduce            ReplicateParallel(grad_all_reduce=True)
+    all_reduce                                PrepareModuleOutput(Partial -> Replicate)
+    packed_colwise                            PackedColwiseParallel(blocks=2)          e.g. a fused gate_up_proj
+    packed_rowwise                            PackedRowwiseParallel(blocks=2)
+
+A key may also name a parameter (`layers.*.self_attn.sinks: colwise`): it is split as transformers
+splits a parameter under that string (colwise: the dim before the last, rowwise: the last, a bias
+replicated; embedding_*: dim 0 / 1; the others replicated).  packed_colwise / packed_rowwise split that
+dim in 2 equal blocks, each over the ranks (transformers' `_StridedShard(dim, split_factor=2)`: its registered
+styles use split_factor=2, so 2 blocks); packed_rowwise keeps a 1-D parameter whole, as transformers does,
+while packed_colwise splits a 1-D one by blocks too (transformers shards it contiguously, which would pair a
+packed bias with the wrong rows of its weight).
+"""
+
+from __future__ import annotations
+
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+
+from dtp.plan.module_io import PrepareModuleOutput
+from dtp.ops.packed import PackedLayout, mark_packed, resolve_blocks, shard_packed
+from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
+from dtp.runtime.sharding import shard_parameter
+from dtp.plan.style import ParallelStyle
+from dtp.plan.styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
+
+__all__ = ["HF_STYLES", "hf_style", "hf_parameter_placement", "ShardParameter"]
+
+HF_PACKED_BLOCKS = 2  # transformers registers its packed styles with split_factor=2 (gate and up)
+HF_STYLES = {
+    "colwise": lambda: ColwiseParallel(),
+    "colwise_rep": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "rowwise": lambda: RowwiseParallel(),
+    "rowwise_rep": lambda: RowwiseParallel(input_layouts=Replicate()),
+    "rowwise_split_input": lambda: RowwiseParallel(input_layouts=Replicate()),
+    "embedding_rowwise": lambda: VocabParallel(),
+    "embedding_colwise": lambda: ColwiseParallel(output_layouts=Replicate()),
+    "sequence_parallel": lambda: SequenceParallel(use_local_output=True),
+    "replicate": lambda: ReplicateParallel(),
+    "local_params": lambda: ReplicateParallel(),
+    "replicated_with_grad_allreduce": lambda: ReplicateParallel(grad_all_reduce=True),
+    "all_reduce": lambda: PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate()),
+    "packed_colwise": lambda: PackedColwiseParallel(blocks=HF_PACKED_BLOCKS),
+    "packed_rowwise": lambda: PackedRowwiseParallel(blocks=HF_PACKED_BLOCKS),
+}
+
+
+def _known(where: str, name) -> None:
+    if name not in HF_STYLES:
+        raise ValueError(f"{where}: unknown plan string {name!r}; dtp knows the Hugging Face styles "
+                         f"{sorted(HF_STYLES)}")
+
+
+def hf_style(name: str, where: str) -> ParallelStyle:
+    """The dtp style for a Hugging Face plan string on a module."""
+    _known(where, name)
+    return HF_STYLES[name]()
+
+
+def hf_parameter_placement(name: str, param_name: str, ndim: int, where: str) -> Placement:
+    """The placement transformers gives a parameter that a plan string names directly."""
+    _known(where, name)
+    if name == "packed_colwise":
+        return Shard(max(ndim - 2, 0))
+    if name == "packed_rowwise":
+        return Replicate() if ndim == 1 else Shard(ndim - 1)
+    if name.startswith("colwise"):
+        return Shard(max(ndim - 2, 0))
+    if name.startswith("rowwise"):
+        return Replicate() if param_name.rpartition(".")[2] == "bias" else Shard(max(ndim - 1, 0))
+    if name.startswith("embedding"):
+        return Shard(0 if name == "embedding_rowwise" else 1)
+    return Replicate()
+
+
+class ShardParameter:
+    """A plan entry on one parameter (not a module): split it with `placement`, no forward change; a packed_* string
+    splits the placement's dim by blocks (dtp.ops.packed), each over the ranks."""
+
+    def __init__(self, placement: Placement, source: str):
+        self.placement, self.source = placement, source
+        self.blocks = HF_PACKED_BLOCKS if source.startswith("packed") and isinstance(placement, Shard) else None
+
+    def check(self, param, mesh, where: str) -> None:
+        """Errors (every rank, before anything changes) for a parameter this entry cannot split."""
+        if isinstance(param, DTensor) and (param.device_mesh != mesh
+                                           or param.placements not in ((Replicate(),), (self.placement,))):
+            raise ValueError(f"{where}: the parameter is already a DTensor {list(param.placements)} on "
+                             f"{param.device_mesh}; the plan splits it as {self.placement!r} on {mesh}")
+        if self.blocks is not None:
+            resolve_blocks(self.blocks, param.shape[self.placement.dim], mesh.size(), where)
+
+    def shard(self, owner, name: str, mesh, path: str) -> None:
+        """Replace owner's parameter `name` by its DTensor split (no communication)."""
+        param = owner._parameters[name]
+        if self.blocks is None:
+            owner._parameters[name] = shard_parameter(param, mesh, self.placement, what=path)
+            return
+        dim = self.placement.dim
+        layout = PackedLayout(resolve_blocks(self.blocks, param.shape[dim], mesh.size(), path), dim, mesh.size())
+        owner._parameters[name] = shard_packed(param, mesh, layout, what=path)
+        mark_packed(owner, name, layout)
+
+    def __repr__(self) -> str:
+        packed = f", blocks={self.blocks}" if self.blocks is not None else ""
+        return f"ShardParameter({self.placement!r}{packed}, from {self.source!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ShardParameter) and (other.placement, other.blocks) == (self.placement, self.blocks)

@@ -1,0 +1,47 @@
+"""Replicated DTensor parameters for modules a plan does not split.
+
+After a plan every parameter is a DTensor (optimizers with foreach/fused kernels, clip_grad_norm_
+and state dicts never meet a "mixed torch.Tensor and DTensor" error), while the modules a plan
+left alone still compute on plain local tensors (dtp.ops.local_forward).
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
+
+from dtp.ops.local_forward import local_forward
+from dtp.runtime.sharding import shard_parameter
+
+__all__ = ["replicate_own_", "replicate_parameters_", "replicate_remaining_", "replicated_forward"]
+
+
+def replicate_own_(module: nn.Module, mesh: DeviceMesh) -> bool:
+    """module's own plain parameters become replicated DTensor parameters (frozen stay frozen); True if any did."""
+    changed = False
+    for name, param in list(module._parameters.items()):
+        if param is not None and not isinstance(param, DTensor):
+            module._parameters[name] = shard_parameter(param, mesh, Replicate(), what=f"parameter {name!r}")
+            changed = True
+    return changed
+
+
+def replicate_parameters_(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Turn every plain parameter of module (recursively) into a replicated DTensor parameter (no communication)."""
+    for owner in module.modules():
+        replicate_own_(owner, mesh)
+
+
+def replicated_forward(self, *args, **kwargs):
+    """The module's own forward on its replicated parameters' local tensors (no collective)."""
+    return local_forward(self, args, kwargs)
+
+
+def replicate_remaining_(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Every module a plan left alone that owns plain parameters gets replicated DTensor ones and a local-tensor forward."""
+    for module in model.modules():
+        if "forward" not in vars(module) and replicate_own_(module, mesh):
+            module.forward = MethodType(replicated_forward, module)

@@ -1,0 +1,171 @@
+"""Ctrl-C ends RankPool, run_on_ranks and a pytest run within 5 s, and no worker outlives its parent.
+
+Real processes and real gloo ranks.  Each case starts a script in its own session (so that SIGINT can go
+to its whole process group, as a terminal's Ctrl-C does), waits until every rank is inside a task that
+blocks in C++ (a recv from a peer that never sends, which no Python-level signal reaches), then signals
+it.  Only the time from the signal to the exit is held to 5 s; the startup may take long on a busy machine.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc to find the workers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STARTUP_S = 120.0  # spawning ranks costs ~6 s an idle machine; allow for a very busy one
+EXIT_S = 5.0
+
+TASK = '''
+import os, sys, time
+import torch, torch.distributed as dist
+
+def block(marker_dir):
+    """Write this rank's pid, then wait in C++ for a message no peer ever sends."""
+    path = os.path.join(marker_dir, f"{dist.get_world_size()}-{dist.get_rank()}.pid")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    dist.recv(torch.zeros(1), src=(dist.get_rank() + 1) % dist.get_world_size())
+'''
+
+SCRIPT = TASK + '''
+from dtp.testing import RankPool, run_on_ranks
+
+if __name__ == "__main__":
+    marker_dir = os.environ["DTP_TEST_MARKERS"]
+    if sys.argv[1] == "pool":
+        with RankPool(2, timeout=300, pg_timeout=1800) as pool:
+            pool.run(block, marker_dir)
+    else:
+        run_on_ranks(block, 2, marker_dir)
+'''
+
+TEST_FILE = TASK + '''
+MARKERS = os.environ["DTP_TEST_MARKERS"]
+
+def test_blocks(pools):
+    pools.run(2, block, MARKERS)
+'''
+
+
+def _stat(pid):
+    """(state, process group, start time) of pid, or None once it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return None if fields[0] in "ZX" else (fields[0], int(fields[2]), fields[19])
+
+
+def _group(pgid):
+    """{pid: start time} of the live processes in process group pgid."""
+    members = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (st := _stat(int(name))) and st[1] == pgid:
+            members[int(name)] = st[2]
+    return members
+
+
+def _survivors(procs, wait_s=3.0):
+    """The processes of {pid: start time} still alive after up to wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [pid for pid, start in procs.items() if (st := _stat(pid)) and st[2] == start]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _start(cmd, tmp_path, n_markers):
+    """Start cmd in a new session; return it, its log and the worker pids once n_markers ranks are blocked."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    log = open(tmp_path / "log.txt", "w+")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "DTP_TEST_MARKERS": str(markers)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + STARTUP_S
+    while len([f for f in os.listdir(markers) if f.endswith(".pid")]) < n_markers:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_group(proc)
+            log.seek(0)
+            pytest.fail(f"the ranks never blocked (exit {proc.returncode}):\n{log.read()[-3000:]}")
+        time.sleep(0.1)
+    time.sleep(0.5)  # let the ranks get into their recv
+    pids = [int((markers / f).read_text()) for f in os.listdir(markers) if f.endswith(".pid")]
+    return proc, log, pids
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _interrupt_and_check(proc, log, pids):
+    """SIGINT to the whole group, as Ctrl-C does; assert exit within EXIT_S and that nothing in the group survives."""
+    group = _group(proc.pid)
+    assert set(pids) <= set(group), f"workers {pids} are not in the script's process group {sorted(group)}"
+    start = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=EXIT_S + 25)
+    except subprocess.TimeoutExpired:
+        pass
+    elapsed = time.monotonic() - start
+    try:
+        log.seek(0)
+        output = log.read()[-3000:]
+        assert proc.returncode is not None, f"still running {elapsed:.1f} s after one SIGINT:\n{output}"
+        assert elapsed < EXIT_S, f"took {elapsed:.1f} s to exit after SIGINT:\n{output}"
+        assert "KeyboardInterrupt" in output, output
+        left = _survivors({pid: began for pid, began in group.items() if pid != proc.pid})
+        assert not left, f"processes {left} (workers {pids}) outlived the interrupted run:\n{output}"
+    finally:
+        _kill_group(proc)
+    return output
+
+
+def test_ctrl_c_stops_a_rank_pool_at_once(tmp_path):
+    (tmp_path / "script.py").write_text(SCRIPT)
+    proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "pool"], tmp_path, 2)
+    _interrupt_and_check(proc, log, pids)
+
+
+def test_ctrl_c_stops_run_on_ranks_at_once(tmp_path):
+    (tmp_path / "script.py").write_text(SCRIPT)
+    proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "run_on_ranks"], tmp_path, 2)
+    _interrupt_and_check(proc, log, pids)
+
+
+def test_ctrl_c_stops_pytest_with_the_session_pools(tmp_path):
+    """The suite's own conftest (all session pools) under a pytest run interrupted mid-test."""
+    (tmp_path / "test_blocked.py").write_text(TEST_FILE)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+           "--rootdir", str(tmp_path), str(tmp_path / "test_blocked.py")]
+    proc, log, pids = _start(cmd, tmp_path, 2)
+    output = _interrupt_and_check(proc, log, pids)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """SIGKILL to the parent alone (no cleanup can run there): the ranks notice and exit by themselves."""
+    (tmp_path / "script.py").write_text(SCRIPT)
+    proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "pool"], tmp_path, 2)
+    workers = {pid: st[2] for pid in pids if (st := _stat(pid))}
+    try:
+        assert len(workers) == 2, f"workers {pids} not running"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        left = _survivors(workers, wait_s=EXIT_S)
+        assert not left, f"workers {left} outlived their killed parent by {EXIT_S} s"
+    finally:
+        _kill_group(proc)
