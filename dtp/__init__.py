@@ -3,7 +3,7 @@
 from torch.distributed.tensor import Partial, Replicate, Shard
 
 from dtp.ops.embedding import column_embedding, vocab_parallel_embedding
-from dtp.ops.functional import column_linear, row_linear
+from dtp.ops.linear import column_linear, row_linear
 from dtp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from dtp.checkpoint.full import full_state_dict, load_full_state_dict, packed_layouts
 from dtp.checkpoint.sharded import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint

@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from dtp.ops.embedding import vocab_parallel_embedding
-from dtp.ops.linear_forward import ColumnForward, RowForward
+from dtp.ops.linear import ColumnForward, RowForward
 from dtp.mesh import tp_submesh
 from dtp.ops.packed import PackedLayout, PackedOutput, mark_packed, resolve_blocks
 from dtp.runtime.sharding import broadcast_from, local_slice, shard_parameter

@@ -5,17 +5,24 @@ once and then runs each case in well under a second.  Each worker has one thread
 process group (gloo on CPU, NCCL when every rank has its own GPU), and a per-case timeout.
 When a rank raises, the failure carries that rank's traceback; ranks left waiting in a
 collective are killed and the pool restarts on its next use, so nothing hangs.
+
+Ctrl-C is the parent's alone: workers ignore SIGINT (a terminal sends it to the whole process
+group), the parent kills them at once when interrupted while it waits on them, and a worker
+exits by itself within half a second of its parent's death, so no rank outlives its pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -37,7 +44,25 @@ def pick_backend(world_size: int) -> str:
     return "gloo"
 
 
-def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results):
+_PARENT_POLL_S = 0.5
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Start a daemon thread that ends this process as soon as its parent is gone (even mid-collective)."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dtp-parent-watch", daemon=True).start()
+
+
+def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results, parent_pid):
+    # Only the parent decides on Ctrl-C: a task must not turn it into an "err" reply and carry on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while spawning
+    _exit_when_orphaned(parent_pid)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -68,6 +93,19 @@ def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results):
     os._exit(0)  # no process-group teardown handshakes: the pool is going away as a whole
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT blocked in this thread for the block (a pending one is delivered right after)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class RankPool:
     """`world_size` long-lived worker ranks; `run(fn, ...)` calls fn on all and returns their results by rank."""
 
@@ -81,6 +119,9 @@ class RankPool:
         self.pg_timeout = pg_timeout
         self._ctx = mp.get_context("spawn")
         self._procs: list = []
+        self._tasks: list = []
+        self._ready = False
+        self._stopping = False
         self._case_ids = itertools.count()
 
     # -- life cycle -------------------------------------------------------------------------
@@ -88,21 +129,26 @@ class RankPool:
         """Spawn the workers (non-blocking); `run` waits for them to be ready."""
         if self._procs:
             return self
-        fd, self._init_file = tempfile.mkstemp(prefix="dtp_rdzv_")
-        os.close(fd)
-        os.unlink(self._init_file)
-        self._results = self._ctx.Queue()
-        self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
-        self._ready = False
-        for rank in range(self.world_size):
-            p = self._ctx.Process(
-                target=_worker,
-                args=(rank, self.world_size, self._init_file, self.backend, self.pg_timeout,
-                      self._tasks[rank], self._results),
-                daemon=True,
-            )
-            p.start()
-            self._procs.append(p)
+        try:
+            fd, self._init_file = tempfile.mkstemp(prefix="dtp_rdzv_")
+            os.close(fd)
+            os.unlink(self._init_file)
+            self._results = self._ctx.Queue()
+            self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
+            self._ready = self._stopping = False
+            with _sigint_blocked():  # the workers inherit the mask: a Ctrl-C while they import torch spares them
+                for rank in range(self.world_size):
+                    p = self._ctx.Process(
+                        target=_worker,
+                        args=(rank, self.world_size, self._init_file, self.backend, self.pg_timeout,
+                              self._tasks[rank], self._results, os.getpid()),
+                        daemon=True,
+                    )
+                    p.start()
+                    self._procs.append(p)
+        except BaseException:
+            self._kill()
+            raise
         return self
 
     def _wait_ready(self) -> None:
@@ -117,28 +163,36 @@ class RankPool:
         if self._procs and self._ready:
             for q in self._tasks:
                 q.put(None)
-            self._ready = False
+            self._ready, self._stopping = False, True
 
     def close(self) -> None:
-        """Stop the workers: politely if they are idle, by force after a few seconds."""
+        """Stop the workers: politely if they are idle, at once if still starting, by force after a few seconds."""
         if not self._procs:
             return
-        self.stop()
-        deadline = time.monotonic() + 5
-        for p in self._procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        try:
+            self.stop()
+            if self._stopping:  # a pool never waited on (still starting) got no stop request: kill, don't wait
+                deadline = time.monotonic() + 5
+                for p in self._procs:
+                    p.join(timeout=max(0.0, deadline - time.monotonic()))
+        finally:  # also when a second Ctrl-C cuts the polite wait short
+            self._kill()
+
+    def kill(self) -> None:
+        """Kill the workers now (SIGKILL) without waiting for them; the next `run` starts afresh."""
         self._kill()
 
     def _kill(self) -> None:
-        for p in self._procs:
+        procs, self._procs, self._ready, self._stopping = self._procs, [], False, False
+        for p in procs:  # signal them all before reaping any, so an interrupt while reaping leaves none alive
             if p.is_alive():
                 p.kill()
-        for p in self._procs:
-            p.join(timeout=5)
-        self._procs = []
-        self._ready = False
+        for q in self._tasks:  # a task a killed rank never read must not make interpreter exit wait on its pipe
+            q.cancel_join_thread()
         if getattr(self, "_init_file", None) and os.path.exists(self._init_file):
             os.unlink(self._init_file)
+        for p in procs:
+            p.join(timeout=5)
 
     def __enter__(self) -> "RankPool":
         return self.start()
@@ -154,11 +208,15 @@ class RankPool:
         RankError with the failing ranks' tracebacks if any rank raises, dies or times out.
         """
         self.start()
-        self._wait_ready()
-        case_id = next(self._case_ids)
-        for q in self._tasks:
-            q.put((case_id, fn, args, kwargs))
-        replies = self._collect(case_id, timeout or self.timeout)
+        try:
+            self._wait_ready()
+            case_id = next(self._case_ids)
+            for q in self._tasks:
+                q.put((case_id, fn, args, kwargs))
+            replies = self._collect(case_id, timeout or self.timeout)
+        except BaseException:  # Ctrl-C (or anything) while ranks may be mid-task: kill them, don't wait on them
+            self._kill()
+            raise
         self._raise_if_failed(replies, getattr(fn, "__name__", repr(fn)))
         return [replies[r][1] for r in range(self.world_size)]
 

@@ -8,9 +8,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from dtp.runtime.collectives import axis_of, chunk_offset, chunk_sizes
-from dtp.ops.functional import dtensor_forward, wrap_output
+from dtp.ops.dtensor_forward import dtensor_forward, wrap_output
 from dtp.runtime.mappings import gather_from, reduce_from, sequence_scatter
-from dtp.runtime.traced import is_compiling
+from dtp.runtime.traced import traced_as
 from dtp.runtime.conversions import to_local
 
 __all__ = ["vocab_parallel_embedding", "column_embedding", "check_ids", "replicated_ids"]
@@ -46,14 +46,11 @@ def check_ids(ids: torch.Tensor, vocab: int, what: str) -> None:
                              f"(ids range over [{lo}, {hi}])")
 
 
-def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = None,
-                             output_layout: Placement | None = None, use_local_output: bool = True):
-    """Y = Σ_ranks E_r[ids] with E split by vocab rows (Shard(0)), ids outside a rank's rows giving 0;
-    forward all-reduce (Replicate) or reduce-scatter onto dim d (Shard(d)), backward none (all-gather if scattered)."""
+def _vocab_rows(ids, weight: DTensor, padding_idx, output_layout, use_local_output, traced: bool):
+    """The vocab-parallel lookup; its partial sums reduced by dtp's collectives, or by DTensor's when traced."""
     ids = _replicated_ids(ids, "vocab_parallel_embedding")
     mesh = weight.device_mesh
     vocab, dim = weight.shape
-    traced = is_compiling()
     if traced:  # no data-dependent id check in a graph (torch has none either)
         world, rank = mesh.size(), mesh.get_coordinate()[0]  # get_local_rank is not traceable on torch 2.7
     else:
@@ -89,14 +86,32 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
     return y if use_local_output else wrap_output(y, mesh, layout, partial.shape)
 
 
+def _traced_vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = None,
+                                     output_layout: Placement | None = None, use_local_output: bool = True):
+    return _vocab_rows(ids, weight, padding_idx, output_layout, use_local_output, traced=True)
+
+
+@traced_as(_traced_vocab_parallel_embedding)
+def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = None,
+                             output_layout: Placement | None = None, use_local_output: bool = True):
+    """Y = Σ_ranks E_r[ids] with E split by vocab rows (Shard(0)), ids outside a rank's rows giving 0;
+    forward all-reduce (Replicate) or reduce-scatter onto dim d (Shard(d)), backward none (all-gather if scattered)."""
+    return _vocab_rows(ids, weight, padding_idx, output_layout, use_local_output, traced=False)
+
+
+def _traced_column_embedding(ids, weight: DTensor, *, padding_idx: int | None = None, gather_output: bool = False,
+                             use_local_output: bool = True):
+    ids = _replicated_ids(ids, "column_embedding")  # DTensor's embedding and functional collectives
+    return dtensor_forward(lambda t: F.embedding(t, weight, padding_idx), ids, weight.device_mesh, Replicate(),
+                           Replicate(), Replicate() if gather_output else Shard(-1), use_local_output)
+
+
+@traced_as(_traced_column_embedding)
 def column_embedding(ids, weight: DTensor, *, padding_idx: int | None = None, gather_output: bool = False,
                      use_local_output: bool = True):
     """Y = E[ids] with E split by embedding dim (Shard(1)); forward all-gather if gather_output, else none."""
     ids = _replicated_ids(ids, "column_embedding")
     mesh = weight.device_mesh
-    if is_compiling():  # traced: DTensor's embedding and functional collectives (torch's semantics)
-        return dtensor_forward(lambda t: F.embedding(t, weight, padding_idx), ids, mesh, Replicate(), Replicate(),
-                               Replicate() if gather_output else Shard(-1), use_local_output)
     check_ids(ids, weight.shape[0], "column_embedding")
     axis = axis_of(mesh)
     y = F.embedding(ids, to_local(weight), padding_idx=padding_idx)

@@ -21,38 +21,14 @@ from torch.distributed.tensor import Partial
 from dtp.runtime.mappings import copy_to, gather_from, reduce_from, sequence_gather, sequence_scatter, split_to
 from dtp.runtime.collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
 from dtp.runtime.conversions import to_local
-from dtp.runtime.grads import grads_by_recompute, hand_over, plain_leaf, store_grad
-from dtp.runtime.partial_grads import defer, partial_grad, reduced_next
+from dtp.runtime.grads import grads_by_recompute, node_param_grads, partial_grad, reduced_next
 
 __all__ = ["ColumnLinearFn", "RowLinearFn", "column_reference", "row_reference"]
 
 
-def _param_grads(ctx, needs: tuple, g, x, weight: DTensor, bias: DTensor | None, carry: list | None = None) -> tuple:
-    """(dW, db) = (gᵀ x, Σ g) as the node's return values (no communication).  Where autograd would only store or add
-    them and a `carry` list is given, their work is appended to it as a `Deferred` (run later, stored as autograd
-    would) and both are None; otherwise computed now and stored directly where that is all autograd would do."""
+def _matmul_grads(g: torch.Tensor, x: torch.Tensor, needs: tuple, bias):
+    """dW = gᵀ x and db = Σ g over all leading dims (local), each where the node's inputs need it."""
     need_w, need_b = needs[1], bias is not None and needs[2]
-    if not (need_w or need_b):
-        return None, None
-    edges = ctx.next_functions
-    if carry is not None and (not need_w or plain_leaf(edges, 1, weight)) and (
-            not need_b or plain_leaf(edges, 2, bias)):
-        def work():
-            grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
-            if need_w:
-                store_grad(weight, grad_w, dtype=weight.dtype)
-            if need_b:
-                store_grad(bias, grad_b, dtype=bias.dtype)
-
-        carry.append(defer(work))
-        return None, None
-    grad_w, grad_b = _matmul_grads(g, x, need_w, need_b)
-    return (hand_over(edges, 1, grad_w, weight, dtype=weight.dtype),
-            hand_over(edges, 2, grad_b, bias, dtype=bias.dtype) if need_b else None)
-
-
-def _matmul_grads(g: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool):
-    """dW = gᵀ x and db = Σ g over all leading dims (local)."""
     if g.dim() == 2:
         g2, x2 = g, x
     elif g.dim() > 2:  # (rows, features) views, zero-sized dims included
@@ -165,11 +141,12 @@ class ColumnLinearFn(torch.autograd.Function):
                 pending = all_reduce(grad_x, axis, inplace=True)
             elif isinstance(in_dim, DTensorSpec):  # partial: summed with other readers', reduced by X's owner
                 carried = []  # dW / db, run while X's owner reduces dX
-                grad_w, grad_b = _param_grads(ctx, needs, g, x_full, weight, bias, carried if defer_grads else None)
+                grad_w, grad_b = node_param_grads(ctx, needs, weight, bias, lambda: _matmul_grads(g, x_full, needs, bias),
+                                                  carried if defer_grads else None)
                 return partial_grad(grad_x, in_dim, tuple(carried)), grad_w, grad_b, None, None, None, None
             else:
                 pending = reduce_scatter(grad_x, in_dim, in_sizes, axis)
-        grad_w, grad_b = _param_grads(ctx, needs, g, x_full, weight, bias)
+        grad_w, grad_b = node_param_grads(ctx, needs, weight, bias, lambda: _matmul_grads(g, x_full, needs, bias))
         if pending is not None:
             grad_x = pending.wait()
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -222,7 +199,7 @@ class RowLinearFn(torch.autograd.Function):
             grad_x = g.matmul(w).to(x_dtype)
             if split_input:  # the input was replicated: assemble its full gradient
                 pending = all_gather(grad_x, -1, in_sizes, axis)
-        grad_w, grad_b = _param_grads(ctx, needs, g, x, weight, bias)
+        grad_w, grad_b = node_param_grads(ctx, needs, weight, bias, lambda: _matmul_grads(g, x, needs, bias))
         if pending is not None:
             grad_x = pending.wait()
         return grad_x, grad_w, grad_b, None, None, None, None

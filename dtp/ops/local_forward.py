@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtp.runtime.traced import is_compiling, module_forward_on_dtensors
+from dtp.runtime.traced import module_forward_on_dtensors, traced_as
 from dtp.runtime.conversions import to_local, to_locals
 
 __all__ = ["local_parameters", "local_forward"]
@@ -49,14 +49,19 @@ def _has_dtensor(values) -> bool:
     return False
 
 
+def _traced_local_forward(module: nn.Module, args, kwargs, read_local=to_local):
+    if read_local is to_local and not _has_dtensor(args) and not (kwargs and _has_dtensor(kwargs.values())):
+        mesh = next(p.device_mesh for p in module._parameters.values() if isinstance(p, DTensor))
+        return module_forward_on_dtensors(module, mesh, args, kwargs)  # on replicated DTensors (no collective)
+    return local_forward.eager(module, args, kwargs, read_local)
+
+
+@traced_as(_traced_local_forward)
 def local_forward(module: nn.Module, args, kwargs, read_local=to_local):
     """module's own forward; on plain inputs its own DTensor parameters read as read_local(param) (no collective by
     default), on DTensor inputs it runs on DTensors (DTensor semantics)."""
     if _has_dtensor(args) or (kwargs and _has_dtensor(kwargs.values())):
         return type(module).forward(module, *args, **kwargs)
-    if is_compiling() and read_local is to_local:  # traced: on replicated DTensors (no collective), local out
-        mesh = next(p.device_mesh for p in module._parameters.values() if isinstance(p, DTensor))
-        return module_forward_on_dtensors(module, mesh, args, kwargs)
     swapped = _swap_in_locals((module,), read_local)  # local_parameters without a context manager: the hot path
     try:
         return type(module).forward(module, *args, **kwargs)

@@ -5,7 +5,7 @@ Y = Σ_r X_r W_rᵀ + b.  The leading rows of X are split into `chunks` pieces; 
 of piece i is written into its rows of one output buffer and its all-reduce is started
 asynchronously before piece i+1's matmul, as async tensor parallelism pipelines its collectives.
 Backward needs no collective (dX = dY W_r stays sharded, dW_r = dYᵀ X_r, db = Σ dY), so it is
-the plain local math, with gradients handed back as DTensors laid out like the parameters.
+the plain local math, with gradients handed back as DTensors laid out like the parameters (dtp.runtime.grads).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dtp.runtime.collectives import axis_of
 from dtp.ops.linear_autograd import row_reference
-from dtp.runtime.grads import grads_by_recompute
+from dtp.runtime.grads import grads_by_recompute, param_grad
 
 __all__ = ["ChunkedRowLinearFn", "chunked_row_linear", "chunk_rows"]
 
@@ -38,16 +38,6 @@ def _autocast(x: torch.Tensor, w: torch.Tensor):
         return x, w
     dtype = torch.get_autocast_dtype(device)
     return x.to(dtype), w.to(dtype)
-
-
-def _grad_dtensor(local: torch.Tensor | None, param: DTensor | None):
-    """A local gradient wrapped as a DTensor with exactly `param`'s mesh, placements and dtype (no communication)."""
-    if local is None or param is None:
-        return None
-    if local.dtype != param.dtype:
-        local = local.to(param.dtype)
-    # DTensor.__new__ with the parameter's own spec: no placement logic on the hot path (as RowLinearFn does)
-    return DTensor.__new__(DTensor, local.contiguous(), param._spec, requires_grad=False)
 
 
 def _reference(x, weight, bias, group, chunks):
@@ -94,7 +84,8 @@ class ChunkedRowLinearFn(torch.autograd.Function):
         grad_x = g2.mm(w).to(x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
         grad_w = g2.t().mm(x2) if ctx.needs_input_grad[1] else None
         grad_b = g2.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_x, _grad_dtensor(grad_w, weight), _grad_dtensor(grad_b, bias), None, None
+        return (grad_x, param_grad(grad_w, weight._spec, weight.dtype),
+                param_grad(grad_b, bias._spec, bias.dtype) if bias is not None else None, None, None)
 
 
 def chunked_row_linear(x: torch.Tensor, weight: DTensor, bias: DTensor | None = None, chunks: int = 2) -> torch.Tensor:

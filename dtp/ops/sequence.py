@@ -14,9 +14,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Shard
 
-from dtp.ops.functional import wrap_output
+from dtp.ops.dtensor_forward import wrap_output
 from dtp.ops.local_forward import local_parameters
-from dtp.runtime.traced import is_compiling, module_forward_on_dtensors
+from dtp.runtime.traced import module_forward_on_dtensors, traced_as
 from dtp.runtime.conversions import to_local
 
 __all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forward"]
@@ -45,15 +45,19 @@ def run_on_sequence_shard(module: nn.Module, x_local: torch.Tensor, args, kwargs
         return type(module).forward(module, x_local, *args, **kwargs)
 
 
+def _traced_sequence_parallel_forward(module: nn.Module, x, *args, **kwargs):
+    style, mesh = module._dtp_style, module._dtp_mesh  # the module's forward on the Shard(seq) DTensor, as torch's
+    seq = Shard(style.sequence_dim % x.dim())
+    if isinstance(x, DTensor) and x.placements != (seq,):
+        x = x.redistribute(mesh, [seq])
+    return module_forward_on_dtensors(module, mesh, (x,) + args, kwargs, seq, style.use_local_output)
+
+
+@traced_as(_traced_sequence_parallel_forward)
 def sequence_parallel_forward(module: nn.Module, x, *args, **kwargs):
     """Forward of a module under SequenceParallel: local math on the sequence shard, no activation collective."""
     style = module._dtp_style
     mesh = module._dtp_mesh
-    if is_compiling():  # traced: the module's forward on the Shard(seq) DTensor, as torch's SequenceParallel runs it
-        seq = Shard(style.sequence_dim % x.dim())
-        if isinstance(x, DTensor) and x.placements != (seq,):
-            x = x.redistribute(mesh, [seq])
-        return module_forward_on_dtensors(module, mesh, (x,) + args, kwargs, seq, style.use_local_output)
     x_local, global_shape = sequence_shard_of(x, mesh, style.sequence_dim, f"SequenceParallel({module._dtp_path!r})")
     y = run_on_sequence_shard(module, x_local, args, kwargs)
     if style.use_local_output or not isinstance(y, torch.Tensor):

@@ -13,10 +13,10 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 
 from dtp.runtime.mappings import sequence_scatter, split_to
 from dtp.runtime.collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
+from dtp.runtime.grads import reducing_node, run_deferred
 from dtp.runtime.sharding import same_placement
-from dtp.runtime.partial_grads import reducing_node, run_deferred
 from dtp.plan.style import ParallelStyle
-from dtp.runtime.traced import is_compiling
+from dtp.runtime.traced import traced_as
 from dtp.runtime.conversions import from_local, spec_of, to_local
 
 __all__ = ["PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput", "prepare_value"]
@@ -73,15 +73,10 @@ def _gather_sequence(value, mesh, dim: int):
                                                                                           local.dtype))
 
 
-def prepare_value(value, mesh, declared: Placement | None, desired: Placement | None, use_local: bool, where: str):
-    """value as a DTensor (declared layout if plain), redistributed to `desired`; its local tensor if use_local."""
+def _prepare_general(value, mesh, declared: Placement | None, desired: Placement | None, use_local: bool, where: str):
+    """prepare_value through DTensor's redistribute (also its traced form)."""
     if declared is None:
         return value
-    actual = value.placements[-1] if isinstance(value, DTensor) and value.device_mesh.ndim == 1 else declared
-    if (isinstance(actual, Shard) and isinstance(desired, Replicate) and isinstance(value, torch.Tensor)
-            and mesh.ndim == 1 and (not isinstance(value, DTensor) or value.device_mesh == mesh) and not is_compiling()):
-        dt = _gather_sequence(value, mesh, actual.dim % value.dim())
-        return to_local(dt) if use_local else dt
     if isinstance(value, DTensor):
         dt = value
     elif isinstance(value, torch.Tensor):
@@ -94,6 +89,17 @@ def prepare_value(value, mesh, declared: Placement | None, desired: Placement | 
     if desired is not None and not same_placement(dt.placements[-1], desired, dt.dim()):
         dt = dt.redistribute(mesh, [desired])
     return to_local(dt) if use_local else dt
+
+
+@traced_as(_prepare_general)
+def prepare_value(value, mesh, declared: Placement | None, desired: Placement | None, use_local: bool, where: str):
+    """value as a DTensor (declared layout if plain), redistributed to `desired`; its local tensor if use_local."""
+    if declared is not None and isinstance(value, torch.Tensor) and mesh.ndim == 1 and isinstance(desired, Replicate):
+        actual = value.placements[-1] if isinstance(value, DTensor) and value.device_mesh.ndim == 1 else declared
+        if isinstance(actual, Shard) and (not isinstance(value, DTensor) or value.device_mesh == mesh):
+            dt = _gather_sequence(value, mesh, actual.dim % value.dim())  # SP's fused Shard -> Replicate
+            return to_local(dt) if use_local else dt
+    return _prepare_general(value, mesh, declared, desired, use_local, where)
 
 
 def _prepare_all(values, declared, desired, mesh, use_local, where, what, kind):

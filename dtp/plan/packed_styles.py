@@ -16,7 +16,7 @@ from types import MethodType
 from torch import nn
 from torch.distributed.tensor import Placement, Replicate, Shard
 
-from dtp.ops.linear_forward import ColumnForward, RowForward
+from dtp.ops.linear import ColumnForward, RowForward
 from dtp.ops.packed import PackedLayout, PackedOutput, mark_packed, resolve_blocks, shard_packed
 from dtp.runtime.sharding import shard_parameter
 from dtp.plan.styles import ColwiseParallel, RowwiseParallel, has_own_forward

@@ -23,17 +23,15 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from dtp.runtime.collectives import axis_of
 from dtp.ops.embedding import column_embedding, replicated_ids, vocab_parallel_embedding
-from dtp.ops.functional import dtensor_forward, is_last_dim
-from dtp.ops.linear_forward import ColumnForward, RowForward
+from dtp.ops.dtensor_forward import dtensor_forward, is_last_dim
+from dtp.ops.linear import ColumnForward, RowForward
 from dtp.runtime.sharding import shard_parameter
 from dtp.runtime.conversions import replicated_local
 from dtp.ops.local_forward import local_forward
 from dtp.plan.replicated import replicate_own_, replicate_parameters_
 from dtp.ops.sequence import sequence_parallel_forward
 from dtp.plan.style import ParallelStyle
-from dtp.runtime.traced import is_compiling, replicated_grad_local
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel", "ReplicateParallel"]
 
@@ -229,8 +227,6 @@ def _vocab_embedding_forward(self, ids):
 
 def _replicate_forward(self, *args, **kwargs):
     if self._dtp_style.grad_all_reduce:
-        if is_compiling():
-            return local_forward(self, args, kwargs, replicated_grad_local)
-        axis = axis_of(self._dtp_mesh)
-        return local_forward(self, args, kwargs, lambda p: replicated_local(p, axis))
+        mesh = self._dtp_mesh
+        return local_forward(self, args, kwargs, lambda p: replicated_local(p, mesh))
     return local_forward(self, args, kwargs)

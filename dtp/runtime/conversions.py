@@ -17,10 +17,9 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from dtp.runtime.apply import direct_apply
 from dtp.runtime.collectives import all_reduce, axis_of
 from dtp.runtime.mappings import reduce_from
-from dtp.runtime.grads import hand_over, param_grad
-from dtp.runtime.partial_grads import reducing_node, run_deferred
+from dtp.runtime.grads import hand_over, param_grad, reducing_node, run_deferred
 from dtp.runtime.sharding import contiguous_stride
-from dtp.runtime.traced import is_compiling
+from dtp.runtime.traced import replicated_grad_local, traced_as
 
 __all__ = ["to_local", "to_locals", "from_local", "replicated_local", "spec_of", "partial_spec"]
 
@@ -134,33 +133,38 @@ class _ReplicatedLocal(torch.autograd.Function):
 _to_locals, _from_local = direct_apply(_ToLocals), direct_apply(_FromLocal)
 
 
+def _traced_to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tensor:
+    return x.to_local(grad_placements=None if grad_placement is None else (grad_placement,))
+
+
+@traced_as(_traced_to_local)
 def to_local(x: DTensor, grad_placement: Placement | None = None) -> torch.Tensor:
     """x's local tensor; its gradient comes back as a DTensor laid out as grad_placement (default: x's own)."""
-    if is_compiling():  # DTensor's own (traceable) conversion, same semantics
-        return x.to_local(grad_placements=None if grad_placement is None else (grad_placement,))
     spec = x._spec
     if grad_placement is not None and (grad_placement,) != spec.placements:
         spec = _with_placement(spec, grad_placement)
     return _ToLocal.apply(x, spec)
 
 
+@traced_as(lambda params: tuple(p.to_local() for p in params))
 def to_locals(params) -> tuple:
     """The local tensors of several DTensor parameters (one autograd node); gradients come back laid out as each."""
-    if is_compiling():
-        return tuple(p.to_local() for p in params)
     return _to_locals(*params)
 
 
+def _traced_from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
+    shape = torch.Size(global_shape)  # DTensor's own conversion: its backward redistributes as _FromLocal does
+    return DTensor.from_local(local, mesh, (placement,), run_check=False, shape=shape, stride=contiguous_stride(shape))
+
+
+@traced_as(_traced_from_local)
 def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, global_shape) -> DTensor:
     """A DTensor over this rank's local tensor (no communication); backward returns the local gradient, reducing
     a Partial one to the Replicate placement declared here (one all-reduce)."""
-    if is_compiling():  # DTensor's own (traceable) conversion: its backward redistributes as _FromLocal does
-        shape = torch.Size(global_shape)
-        return DTensor.from_local(local, mesh, (placement,), run_check=False, shape=shape,
-                                  stride=contiguous_stride(shape))
     return _from_local(local, spec_of(mesh, placement, global_shape, local.dtype), axis_of(mesh))
 
 
-def replicated_local(param: DTensor, axis) -> torch.Tensor:
+@traced_as(lambda param, mesh: replicated_grad_local(param))
+def replicated_local(param: DTensor, mesh: DeviceMesh) -> torch.Tensor:
     """The local tensor of a replicated DTensor parameter; backward all-reduces its gradient (Partial -> Replicate)."""
-    return _ReplicatedLocal.apply(param, axis)
+    return _ReplicatedLocal.apply(param, axis_of(mesh))

@@ -1,30 +1,35 @@
-"""Parameter gradients handed over as DTensors laid out like their parameters, at plain-tensor cost, by
-AccumulateGrad's rules.
+"""Gradient delivery, in one place: how a gradient computed by one of dtp's autograd nodes reaches `.grad`.
 
-When autograd would do nothing but store or add a parameter's gradient (a leaf without hooks, a
-plain backward that reaches it, no create_graph), `hand_over` does it itself and gives autograd
-nothing for it: AccumulateGrad's `grad.detach()` goes through DTensor's op dispatch (measured ~12 µs
-a parameter on torch 2.13, ~40 µs on 2.7, per backward).  It follows AccumulateGrad: the gradient
-is cast to `param.grad_dtype` (torch >= 2.14; FSDP2's reduce_dtype), stored when `.grad` is None
-and otherwise added in place, so a reference held to `.grad` sees the update.  Otherwise the
-gradient goes through autograd as a `GradDTensor`, whose detach is a plain DTensor over the same
-local tensor, so hooks, `autograd.grad` and `backward(inputs=...)` behave exactly as for any
-parameter.  Under create_graph, nodes compute their gradients by `grads_by_recompute`: their own
-math again in differentiable ops, so second derivatives are exact.
+1. By AccumulateGrad's rules.  When autograd would do nothing but store or add a parameter's gradient (a
+   leaf without hooks, a plain backward that reaches it, no create_graph), `hand_over` does it itself and
+   gives autograd nothing for it: AccumulateGrad's `grad.detach()` goes through DTensor's op dispatch
+   (~12 µs a parameter on torch 2.13, ~40 µs on 2.7).  As AccumulateGrad, it casts to `param.grad_dtype`
+   (torch >= 2.14; FSDP2's reduce_dtype), stores when `.grad` is None and otherwise adds in place, so a
+   reference held to `.grad` sees the update.  Otherwise the gradient goes through autograd as a
+   `GradDTensor` (a detach without DTensor dispatch), so hooks, `autograd.grad` and `backward(inputs=)`
+   behave as for any parameter.  The torch internals this relies on are probed once; without them every
+   gradient takes autograd's path.
+2. Deferred weight gradients.  A column layer that reads a replicated DTensor hands back its share of dX
+   as a `PartialGrad` carrying its dW / db work; autograd sums the readers' shares with a local add, and the
+   node where X was made (a `reducing_node`) starts the one all-reduce (a reduce-scatter under SP), runs
+   the work, then waits: Megatron's overlap.  A layer defers only when its dX goes straight into such a node
+   (`reduced_next`), so nothing (FSDP's post-backward hook, say) reads `.grad` before the work ran; any other
+   op meeting a PartialGrad runs the work first, and work nobody ran runs when the backward pass ends.
+3. Under create_graph every node computes its gradients by `grads_by_recompute`: its own math again in
+   differentiable ops (dtp.runtime.mappings), so second derivatives are exact.
 
-Not visible from Python, hence not seen: hooks registered on a parameter's AccumulateGrad node
-itself (`get_gradient_edge(p).node.register_hook`); use `p.register_post_accumulate_grad_hook`.
+Not visible from Python, hence not seen: hooks on a parameter's AccumulateGrad node itself
+(`get_gradient_edge(p).node.register_hook`); use `p.register_post_accumulate_grad_hook`.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
-from dtp.runtime.traced import is_compiling
-
-__all__ = ["GradDTensor", "param_grad", "hand_over", "plain_leaf", "store_grad", "grad_dtype_of", "grads_by_recompute"]
+__all__ = ["GradDTensor", "param_grad", "hand_over", "plain_leaf", "store_grad", "grad_dtype_of", "node_param_grads",
+           "PartialGrad", "partial_grad", "run_deferred", "defer", "reducing_node", "reduced_next", "grads_by_recompute"]
 
 _DETACH = torch.ops.aten.detach.default
 # torch internals the direct store relies on, probed once: without them every gradient goes through autograd
@@ -55,9 +60,9 @@ def param_grad(local: torch.Tensor | None, spec: DTensorSpec, dtype: torch.dtype
 
 def plain_leaf(edges: tuple, index: int, param: torch.Tensor) -> bool:
     """The node's input `index` (edges: its ctx.next_functions), param, is a leaf without hooks whose AccumulateGrad runs
-    in this plain backward (no create_graph, not traced): autograd would only store or add its gradient."""
+    in this plain backward (no create_graph): autograd would only store or add its gradient."""
     if not (_WILL_EXECUTE_KNOWN and param.is_leaf and param._post_accumulate_grad_hooks is None
-            and not param._backward_hooks and not torch.is_grad_enabled() and not is_compiling()):
+            and not param._backward_hooks and not torch.is_grad_enabled()):
         return False
     try:  # False where backward(inputs=...) leaves param out; raises where autograd.grad captures it
         return _will_execute(edges[index][0])
@@ -106,6 +111,105 @@ def store_grad(param: DTensor, local: torch.Tensor | None, spec: DTensorSpec | N
         old._local_tensor.add_(local)
     else:  # another layout (or a subclass): DTensor's own in-place add
         old.add_(DTensor.__new__(DTensor, local.contiguous(), spec, requires_grad=False))
+
+
+def node_param_grads(ctx, needs: tuple, weight: DTensor, bias: DTensor | None, compute, carry: list | None = None):
+    """The node's (dW, db) return values from compute() -> (local dW or None, local db or None) (no communication):
+    stored as autograd would where that is all it would do, else returned; with a `carry` list and both plain
+    leaves, compute and store are deferred (a `Deferred` appended to carry) and both returned values are None."""
+    need_w, need_b = needs[1], bias is not None and needs[2]
+    if not (need_w or need_b):
+        return None, None
+    edges = ctx.next_functions
+    if carry is not None and (not need_w or plain_leaf(edges, 1, weight)) and (not need_b or plain_leaf(edges, 2, bias)):
+        def work():
+            grad_w, grad_b = compute()
+            store_grad(weight, grad_w, dtype=weight.dtype)
+            if bias is not None:
+                store_grad(bias, grad_b, dtype=bias.dtype)
+
+        carry.append(defer(work))
+        return None, None
+    grad_w, grad_b = compute()
+    return (hand_over(edges, 1, grad_w, weight, dtype=weight.dtype),
+            hand_over(edges, 2, grad_b, bias, dtype=bias.dtype) if need_b else None)
+
+
+_ADD = torch.ops.aten.add.Tensor
+_SUM = (Partial(),)
+_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+
+
+
+class Deferred:
+    """One piece of gradient work (a callable), run exactly once: by the reducing node, by an op, or at backward's end."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
+def defer(fn) -> Deferred:
+    """fn wrapped to run once, and queued to run at the end of the current backward pass if nobody runs it earlier."""
+    work = Deferred(fn)
+    _queue_callback(work)
+    return work
+
+
+REDUCERS: set = set()  # the backward node classes of dtp's conversions that reduce a Partial gradient
+
+
+def reducing_node(fn: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Register fn (a class decorator) as a conversion whose backward reduces a Partial gradient and runs its work
+    (`run_deferred`) while the collective is in flight."""
+    REDUCERS.add(fn._backward_cls)
+    return fn
+
+
+def reduced_next(x: torch.Tensor) -> bool:
+    """x's gradient goes straight into one of dtp's reducing conversions (nothing else sees it before they run its
+    work, FSDP's post-backward hook included): only then may a reader defer work onto it."""
+    return type(x.grad_fn) in REDUCERS
+
+
+class PartialGrad(DTensor):
+    """A Partial(sum) gradient DTensor with the deferred work (`Deferred` list) of the layers that produced it."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is _ADD and len(args) == 2 and not kwargs:
+            a, b = args
+            if (type(a) in (DTensor, PartialGrad) and type(b) in (DTensor, PartialGrad)
+                    and (a._spec is b._spec or a._spec == b._spec) and a._spec.placements == _SUM):
+                # autograd summing readers' shares: Partial + Partial is the local sum, the work goes along
+                return partial_grad(a._local_tensor + b._local_tensor, a._spec,
+                                    getattr(a, "_dtp_work", ()) + getattr(b, "_dtp_work", ()))
+        for arg in args:
+            if type(arg) is PartialGrad:
+                run_deferred(arg)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def partial_grad(local: torch.Tensor, spec: DTensorSpec, work: tuple = ()) -> DTensor:
+    """local as a Partial gradient DTensor with this spec (no communication), carrying `work` (a tuple of Deferred)."""
+    grad = DTensor.__new__(PartialGrad, local, spec, requires_grad=False)
+    grad._dtp_work = work
+    return grad
+
+
+def run_deferred(grad) -> None:
+    """Run the work a PartialGrad carries (once; a no-op for any other gradient)."""
+    work = getattr(grad, "_dtp_work", None)
+    if work:
+        grad._dtp_work = ()
+        for item in work:
+            item()
 
 
 def grads_by_recompute(reference, inputs: tuple, grads: tuple, needs: tuple) -> tuple:

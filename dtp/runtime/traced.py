@@ -1,6 +1,7 @@
 """What dtp runs while torch.compile traces a model: DTensor's own ops, whose collectives are torch's traceable
 functional collectives, instead of the eager fast path's c10d calls (`async_op=True` work handles, which Dynamo
-cannot put in a graph).
+cannot put in a graph).  `traced_as` is the one place where that choice is made: each eager entry point names its
+traced twin with it.
 
 The math and the placements are the eager path's: a Column layer is F.linear on a replicated input
 and a Shard(0) weight, a Row layer F.linear on a Shard(-1) input and a Shard(1) weight, an SP norm
@@ -10,15 +11,30 @@ functional collectives, and the DTensor bookkeeping is paid once, at trace time.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate
 
-__all__ = ["is_compiling", "module_forward_on_dtensors", "replicated_grad_local"]
+__all__ = ["traced_as", "is_compiling", "module_forward_on_dtensors", "replicated_grad_local"]
+
+is_compiling = torch.compiler.is_compiling  # True while Dynamo traces (a constant in the graph); ~90 ns in eager
 
 
-def is_compiling() -> bool:
-    """True while Dynamo traces (a constant in the graph); ~90 ns in eager."""
-    return torch.compiler.is_compiling()
+def traced_as(traced):
+    """Decorator: the function runs as itself in eager and as `traced` (same signature: DTensor's ops, functional
+    collectives) while torch.compile traces; the only place dtp chooses between its eager and compiled paths."""
+    def decorate(eager):
+        @functools.wraps(eager)
+        def choose(*args, **kwargs):
+            if is_compiling():
+                return traced(*args, **kwargs)
+            return eager(*args, **kwargs)
+
+        choose.eager, choose.traced = eager, traced
+        return choose
+
+    return decorate
 
 
 def _to_dtensor(value, mesh, placement: Placement):
