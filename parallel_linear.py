@@ -2,7 +2,7 @@
 
 A thin face over dtp on the default process group.  Parameters are plain `nn.Parameter`s that
 hold exactly this rank's slice; `forward` wraps them with `DTensor.from_local` and runs dtp's
-core (`dtp.ops.functional`), so there is one implementation with two faces.
+core (`dtp.ops.linear`), so there is one implementation with two faces.
 
 - Column keeps weight rows [rank*out/ws, (rank+1)*out/ws) and a bias of out/ws zeros; it takes the
   full input (..., in_features) and returns the full output (..., out_features) on every rank.
@@ -24,7 +24,7 @@ import torch.distributed as dist
 if __package__ in (None, "") and os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dtp.ops.functional import column_linear, row_linear  # noqa: E402
+from dtp.ops.linear import column_linear, row_linear  # noqa: E402
 from dtp.layers import _check_features, _check_master_weight, linear_init_  # noqa: E402
 from dtp.mesh import check_divisible, default_mesh  # noqa: E402
 from dtp.runtime.conversions import from_local  # noqa: E402
