@@ -14,6 +14,7 @@ class RankPools:
         self._pools = {}
 
     def run(self, world_size, fn, *args, **kwargs):
+        """Run fn on `world_size` ranks of the session pool of that size and return the results by rank."""
         if not self._pools:
             for ws in WORLD_SIZES:  # spawn every size at once: the startup costs overlap
                 self._pools[ws] = RankPool(ws, timeout=120.0).start()
@@ -22,14 +23,22 @@ class RankPools:
         return self._pools[world_size].run(fn, *args, **kwargs)
 
     def close(self):
-        for pool in self._pools.values():
-            pool.stop()
-        for pool in self._pools.values():
-            pool.close()
+        """Stop every pool: idle ones politely, and all that are left at once if interrupted (a second Ctrl-C)."""
+        pools = list(self._pools.values())
+        try:
+            for pool in pools:
+                pool.stop()
+            for pool in pools:
+                pool.close()
+        finally:
+            for pool in pools:
+                pool.kill()
 
 
 @pytest.fixture(scope="session")
 def pools():
     p = RankPools()
-    yield p
-    p.close()
+    try:
+        yield p
+    finally:  # pytest tears session fixtures down on Ctrl-C too; this also covers a generator closed early
+        p.close()

@@ -147,6 +147,26 @@ def test_gradient_penalty_matches_one_process(pools, world, sp):
     assert pools.run(world, case_gradient_penalty, sp) == [True] * world
 
 
+def case_penalty_as_torch_tp():
+    torch.manual_seed(0)
+    single = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    models = {"single": single}
+    for name, lib in (("dtp", dtp), ("torch", torch_tp)):
+        models[name] = lib.parallelize_module(copy.deepcopy(single), dtp.default_mesh(),
+                                              {"0": lib.ColwiseParallel(), "2": lib.RowwiseParallel()})
+    x = torch.randn(3, 4, dtype=torch.float64)
+    results = {name: _penalized_backward(m, x, None, lambda y, t: y.pow(2).sum()) for name, m in models.items()}
+    for name in ("dtp", "torch"):
+        close64(results[name][0], results["single"][0], f"{name}: penalized loss")
+        for p, ref in results["single"][1].items():
+            close64(results[name][1][p], ref, f"{name}: gradient of {p} through the penalty")
+    return True
+
+
+def test_gradient_penalty_agrees_with_torch_tp(pools):
+    assert pools.run(2, case_penalty_as_torch_tp) == [True, True]
+
+
 def _shard_of(full_param, placement, axis):
     """This rank's shard of a full (replicated) tensor; its gradient is gathered, so a perturbation of any element
     of the full tensor, made on every rank, is seen by gradcheck as one input."""

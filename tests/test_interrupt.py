@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc to find the workers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STARTUP_S = 120.0  # spawning ranks costs ~6 s an idle machine; allow for a very busy one
+STARTUP_S = 120.0  # spawning ranks costs ~6 s on an idle machine; allow for a very busy one
 EXIT_S = 5.0
 
 TASK = '''
@@ -95,7 +95,9 @@ def _start(cmd, tmp_path, n_markers):
         if proc.poll() is not None or time.monotonic() > deadline:
             _kill_group(proc)
             log.seek(0)
-            pytest.fail(f"the ranks never blocked (exit {proc.returncode}):\n{log.read()[-3000:]}")
+            output = log.read()[-3000:]
+            log.close()
+            pytest.fail(f"the ranks never blocked (exit {proc.returncode}):\n{output}")
         time.sleep(0.1)
     time.sleep(0.5)  # let the ranks get into their recv
     pids = [int((markers / f).read_text()) for f in os.listdir(markers) if f.endswith(".pid")]
@@ -103,6 +105,7 @@ def _start(cmd, tmp_path, n_markers):
 
 
 def _kill_group(proc):
+    """SIGKILL whatever is left of proc's process group (cleanup, also when a check failed) and reap proc."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -131,16 +134,19 @@ def _interrupt_and_check(proc, log, pids):
         assert not left, f"processes {left} (workers {pids}) outlived the interrupted run:\n{output}"
     finally:
         _kill_group(proc)
+        log.close()
     return output
 
 
 def test_ctrl_c_stops_a_rank_pool_at_once(tmp_path):
+    """`with RankPool(2) as pool: pool.run(...)` with both ranks stuck in a recv: one SIGINT ends it all."""
     (tmp_path / "script.py").write_text(SCRIPT)
     proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "pool"], tmp_path, 2)
     _interrupt_and_check(proc, log, pids)
 
 
 def test_ctrl_c_stops_run_on_ranks_at_once(tmp_path):
+    """The launcher, run_on_ranks, with both ranks stuck in a recv: one SIGINT ends it all."""
     (tmp_path / "script.py").write_text(SCRIPT)
     proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "run_on_ranks"], tmp_path, 2)
     _interrupt_and_check(proc, log, pids)
@@ -169,3 +175,4 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
         assert not left, f"workers {left} outlived their killed parent by {EXIT_S} s"
     finally:
         _kill_group(proc)
+        log.close()

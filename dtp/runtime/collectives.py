@@ -101,8 +101,10 @@ class Pending:
 
 
 _ALLREDUCE_OPTIONS: dict = {}  # reduce op name -> c10d AllreduceOptions (asynchronous)
-_coalescing = dist.distributed_c10d._world.pg_coalesce_state
-_function_mode_on = torch._C._is_torch_function_mode_enabled
+# torch internals the direct all-reduce relies on, probed once; without them every all-reduce is dist.all_reduce's
+_coalescing = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_coalesce_state", None)
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+DIRECT_ALLREDUCE = _coalescing is not None and _function_mode_on is not None and hasattr(dist, "AllreduceOptions")
 
 
 def _allreduce_options(op: str):
@@ -122,7 +124,7 @@ def all_reduce(t: torch.Tensor, axis: AxisGroup, op: str = "sum", *, inplace: bo
     out = t if inplace and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
     if axis.size == 1:
         return Pending(None, out)
-    if out.is_complex() or _coalescing or _function_mode_on():  # what torch.distributed.all_reduce handles itself
+    if not DIRECT_ALLREDUCE or out.is_complex() or _coalescing or _function_mode_on():  # dist.all_reduce's own cases
         return Pending(dist.all_reduce(out, _OPS[op], group=axis.group, async_op=True), out)
     # the process group's own c10d all-reduce, as dist.all_reduce issues it (~15 µs less of Python a call)
     return Pending(axis.group.allreduce([out], _allreduce_options(op)), out)

@@ -121,7 +121,8 @@ def node_param_grads(ctx, needs: tuple, weight: DTensor, bias: DTensor | None, c
     if not (need_w or need_b):
         return None, None
     edges = ctx.next_functions
-    if carry is not None and (not need_w or plain_leaf(edges, 1, weight)) and (not need_b or plain_leaf(edges, 2, bias)):
+    if (carry is not None and _queue_callback is not None and (not need_w or plain_leaf(edges, 1, weight))
+            and (not need_b or plain_leaf(edges, 2, bias))):
         def work():
             grad_w, grad_b = compute()
             store_grad(weight, grad_w, dtype=weight.dtype)
@@ -137,7 +138,7 @@ def node_param_grads(ctx, needs: tuple, weight: DTensor, bias: DTensor | None, c
 
 _ADD = torch.ops.aten.add.Tensor
 _SUM = (Partial(),)
-_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+_queue_callback = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "queue_callback", None)
 
 
 
