@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import sys
@@ -99,7 +100,7 @@ def _models(shape: dict, device: torch.device, compile_: bool = False):
 
     torch.manual_seed(0)
     mesh = default_mesh()
-    sys.path.insert(0, __file__.rsplit("/dtp/", 1)[0])
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: examples/
     # DTensor's first op imports its fake-tensor machinery (~0.7 s, once per process): not a plan's cost
     DTensor.from_local(torch.zeros(1, device=device), mesh, [Replicate()], run_check=False).detach()
     if shape["kind"] == "llama":

@@ -73,6 +73,8 @@ def case_state_dicts_pickle(styles, sp):
         o.step()
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(local(p), local(q)), f"{name} after a step from the reloaded optimizer"
+    params = torch.load(_saved(list(model.parameters())), weights_only=False)  # the parameters themselves pickle
+    assert all(torch.equal(local(p), local(q)) for p, q in zip(params, model.parameters()))
     twin = copy.deepcopy(model)
     assert torch.equal(full(twin(ids)), full(model(ids)))
     return True
@@ -156,15 +158,27 @@ def case_penalty_as_torch_tp():
                                               {"0": lib.ColwiseParallel(), "2": lib.RowwiseParallel()})
     x = torch.randn(3, 4, dtype=torch.float64)
     results = {name: _penalized_backward(m, x, None, lambda y, t: y.pow(2).sum()) for name, m in models.items()}
+    agree = {}
     for name in ("dtp", "torch"):
-        close64(results[name][0], results["single"][0], f"{name}: penalized loss")
-        for p, ref in results["single"][1].items():
-            close64(results[name][1][p], ref, f"{name}: gradient of {p} through the penalty")
-    return True
+        try:
+            close64(results[name][0], results["single"][0], f"{name}: penalized loss")
+            for p, ref in results["single"][1].items():
+                got = results[name][1][p]
+                assert got is not None, f"{name}: no gradient for {p} through the penalty"
+                close64(got, ref, f"{name}: gradient of {p} through the penalty")
+            agree[name] = True
+        except AssertionError as e:
+            agree[name] = str(e)[:300]
+    return agree
 
 
 def test_gradient_penalty_agrees_with_torch_tp(pools):
-    assert pools.run(2, case_penalty_as_torch_tp) == [True, True]
+    """dtp's second derivatives equal one process's on every torch; torch's TP agrees from torch 2.13 (on 2.7 it
+    drops the second-order terms of some parameters: their gradients stay None)."""
+    agree = pools.run(2, case_penalty_as_torch_tp)[0]
+    assert agree["dtp"] is True, agree["dtp"]
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13):
+        assert agree["torch"] is True, agree["torch"]
 
 
 def _shard_of(full_param, placement, axis):

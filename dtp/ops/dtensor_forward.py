@@ -50,4 +50,4 @@ def dtensor_forward(fn: Callable, x, mesh: DeviceMesh, input_layout: Placement, 
         return y
     if output_layout is not None and y.placements != (output_layout,):
         y = y.redistribute(mesh, [output_layout])
-    return y.to_local() if use_local_output else y
+    return to_local(y) if use_local_output else y

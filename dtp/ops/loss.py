@@ -8,6 +8,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dtp.runtime.mappings import reduce_from
 from dtp.runtime.collectives import all_reduce, axis_of, chunk_offset, chunk_sizes
+from dtp.runtime.conversions import to_local
 from dtp.mesh import tp_submesh
 from dtp.runtime.grads import grads_by_recompute
 
@@ -84,7 +85,7 @@ def vocab_parallel_cross_entropy(logits, target, *, device_mesh: DeviceMesh | No
                                                and logits.placements[0].dim % logits.dim() == logits.dim() - 1):
             raise ValueError(f"vocab_parallel_cross_entropy: logits must be sharded on the vocab (last) dim, "
                              f"got placements {logits.placements}")
-        mesh, vocab, local = logits.device_mesh, logits.shape[-1], logits.to_local()
+        mesh, vocab, local = logits.device_mesh, logits.shape[-1], to_local(logits)
     else:
         mesh = tp_submesh(device_mesh, "vocab_parallel_cross_entropy")
         local = logits

@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from dtp.runtime.conversions import from_local, to_local
 from dtp.runtime.sharding import shard_parameter
 
 __all__ = ["PackedLayout", "resolve_blocks", "shard_packed", "mark_packed", "named_layouts", "PackedOutput"]
@@ -133,7 +134,7 @@ class PackedOutput:
     def __call__(self, x, weight, bias):
         y = self.forward(x, weight, bias)
         if isinstance(y, DTensor):  # Replicate: every rank holds the whole output, in packed order
-            local = y.to_local()
+            local = to_local(y)
             local = local.index_select(-1, self.index.to(local.device))
-            return DTensor.from_local(local, y.device_mesh, y.placements, run_check=False)
+            return from_local(local, y.device_mesh, y.placements[0], local.shape)
         return y.index_select(-1, self.index.to(y.device))

@@ -27,7 +27,7 @@ from dtp.ops.embedding import column_embedding, replicated_ids, vocab_parallel_e
 from dtp.ops.dtensor_forward import dtensor_forward, is_last_dim
 from dtp.ops.linear import ColumnForward, RowForward
 from dtp.runtime.sharding import shard_parameter
-from dtp.runtime.conversions import replicated_local
+from dtp.runtime.conversions import replicated_local, to_local
 from dtp.ops.local_forward import local_forward
 from dtp.plan.replicated import replicate_own_, replicate_parameters_
 from dtp.ops.sequence import sequence_parallel_forward
@@ -215,7 +215,7 @@ def _colwise_embedding_forward(self, ids):
         return column_embedding(ids, self.weight, padding_idx=self.padding_idx, gather_output=isinstance(out, Replicate),
                                 use_local_output=style.use_local_output)
     y = column_embedding(ids, self.weight, padding_idx=self.padding_idx, use_local_output=False).redistribute(mesh, [out])
-    return y.to_local() if style.use_local_output else y
+    return to_local(y) if style.use_local_output else y
 
 
 def _vocab_embedding_forward(self, ids):

@@ -104,7 +104,7 @@ class _FromLocal(torch.autograd.Function):
                 return _ToLocal.apply(g, g._spec), None, None
             if have == _PARTIAL and want == _REPLICATE:
                 return reduce_from(_ToLocal.apply(g, g._spec), ctx.axis or axis_of(ctx.spec.mesh)), None, None
-            return g.redistribute(ctx.spec.mesh, want).to_local(), None, None
+            return _ToLocal.apply(g.redistribute(ctx.spec.mesh, want), ctx.spec), None, None
         if have == want:
             return g._local_tensor, None, None
         if have == _PARTIAL and want == _REPLICATE:
