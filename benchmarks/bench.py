@@ -81,7 +81,8 @@ def _llama_variants(shape: dict, device: torch.device, mesh):
 def _compiled(variants: dict, plan_ms: dict, fresh) -> None:
     """Add torch.compile(fullgraph=True) (inductor) copies of dtp and torch TP, each parallelized afresh by fresh(name);
     their compile time (the first forward + backward) is measured during warm-up: each compiles from scratch (no
-    FX-graph / autograd cache hit from the other's identical graphs) after a throw-away compile has loaded inductor."""
+    FX-graph / autograd cache hit from the other's identical graphs, and each with its own empty kernel caches) after
+    a throw-away compile has loaded inductor."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
@@ -92,6 +93,20 @@ def _compiled(variants: dict, plan_ms: dict, fresh) -> None:
     for name in ("dtp", "torch"):
         variants[f"{name}_compiled"] = torch.compile(fresh(name), fullgraph=True)
         plan_ms[f"{name}_compiled"] = 0.0
+
+
+def _fresh_inductor_caches() -> None:
+    """A new, empty inductor cache directory and empty in-memory code caches: the next compile builds every kernel
+    itself (otherwise whichever variant compiles second reuses the first one's identical C++ kernels, ~3 s here)."""
+    import tempfile
+
+    import torch._inductor.codecache as codecache
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dtp_bench_inductor_")
+    for name in ("PyCodeCache", "CppCodeCache", "CppPythonBindingsCodeCache", "CppWrapperCodeCache"):
+        cache = getattr(codecache, name, None)
+        if cache is not None and hasattr(cache, "cache_clear"):
+            cache.cache_clear()
 
 
 def _models(shape: dict, device: torch.device, compile_: bool = False):
@@ -185,6 +200,8 @@ def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optim
     for name, model in variants.items():  # warm-up, in the same order
         if name != "single" or rank0:
             for i in range(3):
+                if i == 0 and name.endswith("_compiled"):
+                    _fresh_inductor_caches()
                 _, ms = _timed(lambda: _step(model, x, opts[name]))
                 if i == 0 and name.endswith("_compiled"):  # the first step traces and compiles
                     plan_ms[name] = ms

@@ -309,3 +309,37 @@ def test_plain_training_step_warns_nothing(pools):
     for messages in pools.run(2, case_no_warning):
         ours = [m for m in messages if "/dtp/" in m or "parallel_linear" in m]
         assert not ours, ours
+
+
+class _Shared(nn.Module):
+    """Two parameters whose gradients autograd hands over as one tensor (AddBackward passes dY to both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return x * 2 + (self.w + self.b)
+
+
+def case_shared_gradients_stay_apart():
+    torch.manual_seed(0)
+    single = nn.Sequential(nn.Linear(4, 4), _Shared())
+    model = dtp.parallelize_module(copy.deepcopy(single), dtp.default_mesh(), {"0": dtp.ColwiseParallel(
+        output_layouts=Replicate())})  # _Shared is left to the plan's default: replicated, run on local tensors
+    x = torch.randn(3, 4)
+    for _ in range(3):  # the later backwards accumulate into .grad in place: w's and b's buffers must be apart
+        model(x).pow(2).sum().backward()
+        single(x).pow(2).sum().backward()
+    for (name, p), ref in zip(model.named_parameters(), single.parameters()):
+        assert_close(full(p.grad), ref.grad, f"accumulated gradient of {name}")
+    w, b = model[1].w.grad.to_local(), model[1].b.grad.to_local()
+    assert w.data_ptr() != b.data_ptr(), "two parameters share one gradient buffer"
+    return True
+
+
+def test_shared_gradients_stay_apart(pools):
+    """A gradient autograd gives to two parameters (or that a hook holds) is copied before it is stored and later
+    accumulated in place, as AccumulateGrad does."""
+    assert pools.run(2, case_shared_gradients_stay_apart) == [True, True]

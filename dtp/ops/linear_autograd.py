@@ -113,7 +113,8 @@ class ColumnLinearFn(torch.autograd.Function):
         x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
         x_full, w, b = _autocast(x_full, w, b)
         y = F.linear(x_full, w, b)
-        ctx.save_for_backward(x_full, w, x_in)
+        ctx.save_for_backward(x_full, w)
+        ctx.x_in = x_in  # for a create_graph backward only: a reference (unpacking a saved DTensor costs a dispatch)
         ctx.params = (weight, bias)
         ctx.layout = (axis, in_dim, in_sizes, out_sizes, x_dtype, defer_grads)
         if out_sizes is not None:
@@ -122,11 +123,11 @@ class ColumnLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x_full, w, x_in = ctx.saved_tensors
+        x_full, w = ctx.saved_tensors
         weight, bias = ctx.params
         axis, in_dim, in_sizes, out_sizes, x_dtype, defer_grads = ctx.layout
         if torch.is_grad_enabled():  # create_graph: differentiable gradients (exact second derivatives)
-            return grads_by_recompute(column_reference, (x_in, weight, bias, axis, in_dim, in_sizes, out_sizes),
+            return grads_by_recompute(column_reference, (ctx.x_in, weight, bias, axis, in_dim, in_sizes, out_sizes),
                                       (g,), ctx.needs_input_grad)
         if out_sizes is not None:  # gathered output: keep our slice of the (replicated) gradient
             g = g.narrow(-1, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
@@ -169,7 +170,8 @@ class RowLinearFn(torch.autograd.Function):
         else:
             out_sizes = chunk_sizes(partial.shape[out_dim], axis.size)
             pending = reduce_scatter(partial, out_dim, out_sizes, axis)
-        ctx.save_for_backward(x, w, x_in)  # the bookkeeping while the collective is in flight
+        ctx.save_for_backward(x, w)  # the bookkeeping while the collective is in flight
+        ctx.x_in = x_in  # for a create_graph backward only: a reference (unpacking a saved DTensor costs a dispatch)
         ctx.params = (weight, bias)
         ctx.layout = (axis, in_sizes, split_input, out_dim, out_sizes, x_dtype)
         y = pending.wait()
@@ -182,11 +184,11 @@ class RowLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, w, x_in = ctx.saved_tensors
+        x, w = ctx.saved_tensors
         weight, bias = ctx.params
         axis, in_sizes, split_input, out_dim, out_sizes, x_dtype = ctx.layout
         if torch.is_grad_enabled():  # create_graph: differentiable gradients (exact second derivatives)
-            return grads_by_recompute(row_reference, (x_in, weight, bias, axis, in_sizes, split_input, out_dim),
+            return grads_by_recompute(row_reference, (ctx.x_in, weight, bias, axis, in_sizes, split_input, out_dim),
                                       (g,), ctx.needs_input_grad)
         if out_dim is not None:  # scattered output: every rank needs the whole gradient
             g = all_gather(g, out_dim, out_sizes, axis).wait()

@@ -66,17 +66,18 @@ class ChunkedRowLinearFn(torch.autograd.Function):
             work.wait()
         if bias is not None:  # once, after the reduction
             y.add_(bias._local_tensor.detach())
-        ctx.save_for_backward(x2, w, x_in)
+        ctx.save_for_backward(x2, w)
+        ctx.x_in = x_in  # for a create_graph backward only
         ctx.params = (weight, bias)
         ctx.meta = (x.shape, x_dtype)
         return y.view(*lead, w.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x2, w, x_in = ctx.saved_tensors
+        x2, w = ctx.saved_tensors
         weight, bias = ctx.params
         if torch.is_grad_enabled():  # create_graph: the same math differentiably (exact second derivatives)
-            return grads_by_recompute(_reference, (x_in, weight, bias, None, None), (g,), ctx.needs_input_grad)
+            return grads_by_recompute(_reference, (ctx.x_in, weight, bias, None, None), (g,), ctx.needs_input_grad)
         x_shape, x_dtype = ctx.meta
         g2 = g.reshape(x2.shape[0], g.shape[-1])
         if g2.dtype != w.dtype:

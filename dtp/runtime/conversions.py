@@ -60,6 +60,7 @@ class _ToLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grad_spec):
         ctx.grad_spec = grad_spec
+        ctx.param = x if x.is_leaf else None  # a parameter: its gradient may go straight to param.grad
         local = x._local_tensor
         return local.view_as(local)
 
@@ -67,7 +68,8 @@ class _ToLocal(torch.autograd.Function):
     def backward(ctx, g):
         if torch.is_grad_enabled():  # create_graph: the gradient as a differentiable function of g
             return _FromLocal.apply(g, ctx.grad_spec, None), None
-        # g may be shared with other gradients: autograd stores it (AccumulateGrad decides whether to copy)
+        if ctx.param is not None:  # stored directly only if g is ours alone (dtp.runtime.grads.owned)
+            return hand_over(ctx.next_functions, 0, g, ctx.param, ctx.grad_spec, fresh=False), None
         return param_grad(g, ctx.grad_spec), None
 
 
@@ -77,14 +79,15 @@ class _ToLocals(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *params):
         ctx.set_materialize_grads(False)  # a parameter the forward never read keeps grad None
-        ctx.specs = tuple(p._spec for p in params)
+        ctx.params = params
         return tuple(p._local_tensor.view_as(p._local_tensor) for p in params)
 
     @staticmethod
     def backward(ctx, *grads):
         if torch.is_grad_enabled():
-            return tuple(None if g is None else _FromLocal.apply(g, spec, None) for g, spec in zip(grads, ctx.specs))
-        return tuple(param_grad(g, spec) for g, spec in zip(grads, ctx.specs))
+            return tuple(None if g is None else _FromLocal.apply(g, p._spec, None) for g, p in zip(grads, ctx.params))
+        edges = ctx.next_functions  # each stored directly only if it is ours alone (dtp.runtime.grads.owned)
+        return tuple(hand_over(edges, i, g, p, fresh=False) for i, (g, p) in enumerate(zip(grads, ctx.params)))
 
 
 @reducing_node

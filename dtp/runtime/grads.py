@@ -28,7 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor, Partial
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
-__all__ = ["GradDTensor", "param_grad", "hand_over", "plain_leaf", "store_grad", "grad_dtype_of", "node_param_grads",
+__all__ = ["GradDTensor", "param_grad", "hand_over", "owned", "plain_leaf", "store_grad", "grad_dtype_of", "node_param_grads",
            "PartialGrad", "partial_grad", "run_deferred", "defer", "reducing_node", "reduced_next", "grads_by_recompute"]
 
 _DETACH = torch.ops.aten.detach.default
@@ -70,14 +70,47 @@ def plain_leaf(edges: tuple, index: int, param: torch.Tensor) -> bool:
         return False
 
 
+_OWNED_COUNT: list = []  # the use count of a gradient nobody else holds, as a backward sees it (measured once)
+
+
+def owned(g: torch.Tensor) -> bool:
+    """Nobody but this backward holds g (no other gradient, hook or view shares it), AccumulateGrad's own test for
+    keeping a gradient without a copy; False where torch does not expose use counts."""
+    if not _OWNED_COUNT:
+        _OWNED_COUNT.append(_measure_owned_count())
+    return _OWNED_COUNT[0] is not None and not g._is_view() and g._use_count() <= _OWNED_COUNT[0]
+
+
+def _measure_owned_count():
+    if not hasattr(torch.Tensor, "_use_count"):
+        return None
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(g._use_count())
+            return None
+
+    with torch.enable_grad():
+        (Probe.apply(torch.ones(2, requires_grad=True)) * 2).sum().backward()
+    return seen[0] if seen else None
+
+
 def hand_over(edges: tuple, index: int, local: torch.Tensor | None, param: DTensor, spec: DTensorSpec | None = None,
-              dtype: torch.dtype | None = None):
+              dtype: torch.dtype | None = None, fresh: bool = True):
     """The gradient of the node's input `index` (edges: its ctx.next_functions), DTensor parameter `param`, from its
-    freshly computed local shard (nobody else holds it), laid out as spec (default: param's own) (no communication):
-    stored or accumulated in param.grad as AccumulateGrad would when that is all autograd would do (then returns
-    None), else returned as a GradDTensor for autograd to deliver."""
+    local shard (fresh: computed by the node, nobody else holds it; else checked with `owned` and copied if shared),
+    laid out as spec (default: param's own) (no communication): stored or accumulated in param.grad as AccumulateGrad
+    would when that is all autograd would do (then returns None), else returned as a GradDTensor for autograd."""
     if local is None:
         return None
+    if not (fresh or owned(local)):  # shared (two parameters' gradients, a view): a copy, as AccumulateGrad makes;
+        local = local.clone(memory_format=torch.contiguous_format)  # a DTensor wrapper would hide the sharing from it
     if not plain_leaf(edges, index, param):
         return param_grad(local, param._spec if spec is None else spec, dtype)
     store_grad(param, local, spec, dtype)
