@@ -62,5 +62,5 @@ def module_forward_on_dtensors(module, mesh, args, kwargs, placement: Placement 
 
 def replicated_grad_local(param: DTensor) -> torch.Tensor:
     """A replicated parameter's local tensor whose gradient is summed over the mesh (Partial -> Replicate, one
-    all-reduce in backward): the traced form of dtp.autograd_collectives.replicated_local."""
+    all-reduce in backward): the traced form of dtp.runtime.conversions.replicated_local."""
     return param.redistribute(param.device_mesh, param.placements).to_local(grad_placements=[Partial()])
