@@ -54,6 +54,12 @@ def _autocast(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
     return x.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None)
 
 
+def _as_compute(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """dY in the weight's compute dtype, contiguous once (a transposed head view's gradient): dX and dW then read it
+    as free views."""
+    return (g if g.dtype == w.dtype else g.to(w.dtype)).contiguous()
+
+
 def _local_params(weight: DTensor, bias: DTensor | None):
     return to_local(weight), (None if bias is None else to_local(bias))
 
@@ -131,9 +137,7 @@ class ColumnLinearFn(torch.autograd.Function):
                                       (g,), ctx.needs_input_grad)
         if out_sizes is not None:  # gathered output: keep our slice of the (replicated) gradient
             g = g.narrow(-1, sum(out_sizes[: axis.rank]), out_sizes[axis.rank])
-        if g.dtype != w.dtype:
-            g = g.to(w.dtype)
-        g = g.contiguous()  # once (a transposed head view's gradient): dX and dW then read it as free views
+        g = _as_compute(g, w)
         needs = ctx.needs_input_grad
         pending = grad_x = None
         if needs[0]:
@@ -192,9 +196,7 @@ class RowLinearFn(torch.autograd.Function):
                                       (g,), ctx.needs_input_grad)
         if out_dim is not None:  # scattered output: every rank needs the whole gradient
             g = all_gather(g, out_dim, out_sizes, axis).wait()
-        if g.dtype != w.dtype:
-            g = g.to(w.dtype)
-        g = g.contiguous()  # once (a transposed head view's gradient): dX and dW then read it as free views
+        g = _as_compute(g, w)
         needs = ctx.needs_input_grad
         pending = grad_x = None
         if needs[0]:

@@ -56,60 +56,40 @@ class _ReduceFrom(torch.autograd.Function):
         return g, None, None
 
 
-class _SplitTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, axis):
+def _slice_copy(x, dim, sizes, axis):
+    return _own_slice(x, dim, sizes, axis).clone()
+
+
+def _gathered(x, dim, sizes, axis):
+    return all_gather(x, dim, sizes, axis).wait()
+
+
+def _scattered(x, dim, sizes, axis):
+    return reduce_scatter(x, dim, sizes, axis).wait()
+
+
+def _along_dim(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd function Y = forward(X, dim, sizes, axis) whose backward is backward(dY, dim, sizes, axis), or,
+    under create_graph, its partner's autograd function (`.partner`, the adjoint), so second derivatives are exact."""
+    def forward_(ctx, x, dim, sizes, axis):
         ctx.layout = (dim, sizes, axis)
-        return _own_slice(x, dim, sizes, axis).clone()
+        return forward(x, dim, sizes, axis)
 
-    @staticmethod
-    def backward(ctx, g):
-        dim, sizes, axis = ctx.layout
+    def backward_(ctx, g):
         if torch.is_grad_enabled():
-            return _GatherFrom.apply(g, dim, sizes, axis), None, None, None
-        return all_gather(g, dim, sizes, axis).wait(), None, None, None
+            return fn.partner.apply(g, *ctx.layout), None, None, None
+        return backward(g, *ctx.layout), None, None, None
+
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward_), "backward": staticmethod(backward_)})
+    return fn
 
 
-class _GatherFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, axis):
-        ctx.layout = (dim, sizes, axis)
-        return all_gather(x, dim, sizes, axis).wait()
-
-    @staticmethod
-    def backward(ctx, g):
-        dim, sizes, axis = ctx.layout
-        if torch.is_grad_enabled():
-            return _SplitTo.apply(g, dim, sizes, axis), None, None, None
-        return _own_slice(g, dim, sizes, axis), None, None, None
-
-
-class _SequenceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, axis):
-        ctx.layout = (dim, sizes, axis)
-        return reduce_scatter(x, dim, sizes, axis).wait()
-
-    @staticmethod
-    def backward(ctx, g):
-        dim, sizes, axis = ctx.layout
-        if torch.is_grad_enabled():
-            return _SequenceGather.apply(g, dim, sizes, axis), None, None, None
-        return all_gather(g, dim, sizes, axis).wait(), None, None, None
-
-
-class _SequenceGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, axis):
-        ctx.layout = (dim, sizes, axis)
-        return all_gather(x, dim, sizes, axis).wait()
-
-    @staticmethod
-    def backward(ctx, g):
-        dim, sizes, axis = ctx.layout
-        if torch.is_grad_enabled():
-            return _SequenceScatter.apply(g, dim, sizes, axis), None, None, None
-        return reduce_scatter(g, dim, sizes, axis).wait(), None, None, None
+_SplitTo = _along_dim("_SplitTo", _slice_copy, _gathered)
+_GatherFrom = _along_dim("_GatherFrom", _gathered, _own_slice)
+_SequenceScatter = _along_dim("_SequenceScatter", _scattered, _gathered)
+_SequenceGather = _along_dim("_SequenceGather", _gathered, _scattered)
+_SplitTo.partner, _GatherFrom.partner = _GatherFrom, _SplitTo
+_SequenceScatter.partner, _SequenceGather.partner = _SequenceGather, _SequenceScatter
 
 
 def copy_to(x: torch.Tensor, axis: AxisGroup) -> torch.Tensor:
