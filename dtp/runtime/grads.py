@@ -70,18 +70,14 @@ def plain_leaf(edges: tuple, index: int, param: torch.Tensor) -> bool:
         return False
 
 
-_OWNED_COUNT: list = []  # the use count of a gradient nobody else holds, as a backward sees it (measured once)
-
-
 def owned(g: torch.Tensor) -> bool:
     """Nobody but this backward holds g (no other gradient, hook or view shares it), AccumulateGrad's own test for
     keeping a gradient without a copy; False where torch does not expose use counts."""
-    if not _OWNED_COUNT:
-        _OWNED_COUNT.append(_measure_owned_count())
-    return _OWNED_COUNT[0] is not None and not g._is_view() and g._use_count() <= _OWNED_COUNT[0]
+    return _OWNED_COUNT is not None and not g._is_view() and g._use_count() <= _OWNED_COUNT
 
 
 def _measure_owned_count():
+    """The use count of a gradient nobody else holds, as a backward sees it (one tiny backward, at import)."""
     if not hasattr(torch.Tensor, "_use_count"):
         return None
     seen = []
@@ -99,6 +95,9 @@ def _measure_owned_count():
     with torch.enable_grad():
         (Probe.apply(torch.ones(2, requires_grad=True)) * 2).sum().backward()
     return seen[0] if seen else None
+
+
+_OWNED_COUNT = _measure_owned_count()
 
 
 def hand_over(edges: tuple, index: int, local: torch.Tensor | None, param: DTensor, spec: DTensorSpec | None = None,
