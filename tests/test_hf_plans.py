@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import dtp
 from dtp.plan.hf_plans import HF_STYLES, hf_parameter_placement
+from dtp.plan.moe_styles import MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
 
 from .reference import assert_close
 
@@ -31,6 +32,8 @@ def test_every_string_means_what_transformers_registers():
         "all_reduce": dtp.PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate()),
         # transformers: PackedColwiseParallel() / PackedRowwiseParallel(), split_factor=2
         "packed_colwise": dtp.PackedColwiseParallel(blocks=2), "packed_rowwise": dtp.PackedRowwiseParallel(blocks=2),
+        "moe_tp_experts": MoeExpertsParallel(), "moe_identity_expert": MoeIdentityParallel(),
+        "mla_kv_a_proj": MlaKvAProjParallel(),  # rope_dim from the model's config at plan time
     }
     assert {name: make() for name, make in HF_STYLES.items()} == expected
     assert hf_parameter_placement("colwise", "attn.sinks", 1, "") == Shard(0)
@@ -41,6 +44,13 @@ def test_every_string_means_what_transformers_registers():
     assert hf_parameter_placement("packed_colwise", "experts.gate_up_proj", 3, "") == Shard(1)  # by 2 blocks
     assert hf_parameter_placement("packed_rowwise", "experts.gate_up_proj", 3, "") == Shard(2)  # by 2 blocks
     assert hf_parameter_placement("packed_rowwise", "experts.bias", 1, "") == Replicate()
+
+
+def test_dtp_knows_every_string_transformers_registers():
+    """A string transformers adds to its TP registry shows up here the day it is added."""
+    registry = pytest.importorskip("transformers.distributed.tensor_parallel").ALL_PARALLEL_STYLES
+    unknown = sorted(set(registry) - set(HF_STYLES))
+    assert not unknown, f"transformers registers TP plan strings dtp does not know: {unknown}"
 
 
 class SinkAttention(nn.Module):
@@ -151,3 +161,51 @@ def case_tied_weights():
 
 def test_tied_weights_stay_tied(pools):
     pools.run(2, case_tied_weights)
+
+
+def case_transformers_moe(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=32, num_experts_per_tok=2)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(num_local_experts=4, **common)
+        single = transformers.MixtralForCausalLM(cfg)
+    elif kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, **common)
+        single = transformers.Qwen3MoeForCausalLM(cfg)
+    else:  # MLA attention (mla_kv_a_proj) and routed + shared experts after one dense layer
+        cfg = transformers.DeepseekV2Config(n_routed_experts=4, moe_intermediate_size=32, n_shared_experts=1,
+                                            first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                                            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **common)
+        single = transformers.DeepseekV2ForCausalLM(cfg)
+    model = copy.deepcopy(single)
+    dtp.parallelize_module(model, dtp.default_mesh(), model.tp_plan)  # moe_tp_experts and the packed expert weights
+    packed = dtp.packed_layouts(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-6) for m in (model, single)]
+    for step in range(3):
+        out, ref = model(input_ids=ids, labels=ids), single(input_ids=ids, labels=ids)
+        assert_close(out.logits, ref.logits, f"step {step} logits")
+        assert_close(out.loss, ref.loss, f"step {step} loss")
+        out.loss.backward()
+        ref.loss.backward()
+        for (name, p), r in zip(model.named_parameters(), single.parameters()):
+            grad = packed[name].unpack(full(p.grad)) if name in packed else full(p.grad)  # the original layout
+            assert_close(grad, r.grad, f"step {step} grad of {name}", scale=3.0)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    experts = next(m for n, m in model.named_modules() if n.endswith("mlp.experts"))
+    return [str(experts.gate_up_proj.placements), str(experts.down_proj.placements)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "deepseek_v2"])
+def test_transformers_moe_with_its_own_tp_plan(pools, kind, world):
+    """moe_tp_experts: each rank runs its shard of every expert (gate_up_proj packed colwise, down_proj rowwise), and
+    DeepSeek-V2's MLA (mla_kv_a_proj); logits, loss, every gradient and 3 AdamW steps equal one process."""
+    pytest.importorskip("transformers")
+    placements = pools.run(world, case_transformers_moe, kind)[0]
+    assert placements == ["(Shard(dim=1),)", "(Shard(dim=2),)"]
+

@@ -13,6 +13,9 @@ transformers registers for each (transformers.distributed.tensor_parallel):
     all_reduce                                PrepareModuleOutput(Partial -> Replicate)
     packed_colwise                            PackedColwiseParallel(blocks=2)          e.g. a fused gate_up_proj
     packed_rowwise                            PackedRowwiseParallel(blocks=2)
+    moe_tp_experts                            MoeExpertsParallel()                     experts split over tp
+    moe_identity_expert                       MoeIdentityParallel()                    X / tp
+    mla_kv_a_proj                             MlaKvAProjParallel(rope_dim=config.qk_rope_head_dim)
 
 A key may also name a parameter (`layers.*.self_attn.sinks: colwise`): it is split as transformers
 splits a parameter under that string (colwise: the dim before the last, rowwise: the last, a bias
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from dtp.plan.moe_styles import MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
 from dtp.plan.module_io import PrepareModuleOutput
 from dtp.ops.packed import PackedLayout, mark_packed, resolve_blocks, shard_packed
 from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
@@ -53,6 +57,9 @@ HF_STYLES = {
     "all_reduce": lambda: PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate()),
     "packed_colwise": lambda: PackedColwiseParallel(blocks=HF_PACKED_BLOCKS),
     "packed_rowwise": lambda: PackedRowwiseParallel(blocks=HF_PACKED_BLOCKS),
+    "moe_tp_experts": lambda: MoeExpertsParallel(),
+    "moe_identity_expert": lambda: MoeIdentityParallel(),
+    "mla_kv_a_proj": lambda: MlaKvAProjParallel(),  # its rope_dim read from the model at plan time
 }
 
 

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from dtp.plan.heads import HEAD_ATTRIBUTES, check_whole_heads
 from dtp.plan.hf_plans import ShardParameter, hf_parameter_placement, hf_style
+from dtp.plan.moe_styles import MlaKvAProjParallel
 from dtp.mesh import tp_submesh
 from dtp.runtime.sharding import broadcast_from
 from dtp.replica_check import check_replicas
@@ -48,6 +49,16 @@ def _as_style(value, where: str) -> ParallelStyle:
         return from_torch_style(value, where)
     raise TypeError(f"{where}: expected a dtp style (dtp.ColwiseParallel(), ...), a torch.distributed.tensor.parallel "
                     f"style or a Hugging Face plan string, got {type(value).__module__}.{type(value).__name__}")
+
+
+def _rope_dim(model: nn.Module, path: str):
+    """qk_rope_head_dim for an MLA projection: its attention module's, else the model config's (as transformers)."""
+    parent = model.get_submodule(path.rpartition(".")[0])
+    if hasattr(parent, "qk_rope_head_dim"):
+        return parent.qk_rope_head_dim
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "qk_rope_head_dim", None)
 
 
 def _check_heads(model: nn.Module, path: str, style, target: nn.Module, tp: int, where: str) -> None:
@@ -98,6 +109,8 @@ def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | 
             else:
                 style = _as_style(value, where)
                 target = module.get_submodule(path)
+                if isinstance(style, MlaKvAProjParallel) and style.rope_dim is None:
+                    style = MlaKvAProjParallel(rope_dim=_rope_dim(module, path))
                 style.check(target, mesh, where)
                 _check_heads(module, path, style, target, mesh.size(), where)
             chosen[path] = (pattern, style)
