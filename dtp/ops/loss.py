@@ -16,14 +16,15 @@ __all__ = ["vocab_parallel_cross_entropy"]
 
 
 def _token_losses(logits, target, axis, vocab, ignore_index, smoothing, reduce_sums):
-    """(per-token loss, exp(z - max), the reduced [Σ exp, z_target, Σ z], target - shard start, mine, valid): the
+    """(per-token loss, the global max, the reduced [Σ exp, z_target, Σ z], target - shard start, mine, valid): the
     loss's math on this rank's logit shard, its sums reduced over the axis by reduce_sums (one all-reduce)."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32 math
     rows = z.shape[-1]
     start = chunk_offset(vocab, axis.size, axis.rank)
     local_max = z.detach().max(-1).values if rows else z.new_full(z.shape[:-1], float("-inf"))
     # stable: shift by the global max (a constant: the loss does not depend on it, so no gradient flows through it)
-    z = z - all_reduce(local_max, axis, "max", inplace=True).wait().unsqueeze(-1)
+    shift = all_reduce(local_max, axis, "max", inplace=True).wait().unsqueeze(-1)
+    z = z - shift
     e = z.exp()
     valid = target != ignore_index
     t_local = target - start
@@ -34,7 +35,7 @@ def _token_losses(logits, target, axis, vocab, ignore_index, smoothing, reduce_s
     lse = sums[0].log()
     nll = lse - sums[1]
     loss = (1 - smoothing) * nll + smoothing * (lse - sums[2] / vocab) if smoothing else nll
-    return loss * valid, e, sums, t_local, mine, valid
+    return loss * valid, shift, sums, t_local, mine, valid
 
 
 def _cross_entropy_reference(logits, target, axis, vocab, ignore_index, smoothing):
@@ -48,27 +49,28 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, axis, vocab, ignore_index, smoothing):
-        loss, e, sums, t_local, mine, valid = _token_losses(
+        loss, shift, sums, t_local, mine, valid = _token_losses(
             logits, target, axis, vocab, ignore_index, smoothing, lambda t: all_reduce(t, axis, inplace=True).wait())
-        softmax = e.div_(sums[0].unsqueeze(-1))
-        ctx.save_for_backward(softmax, t_local, mine, valid, logits)
-        ctx.smoothing, ctx.vocab, ctx.dtype = smoothing, vocab, logits.dtype
+        # the logits and two per-token numbers, not the softmax: backward recomputes it (one exp), and a
+        # create_graph backward needs the logits themselves
+        ctx.save_for_backward(logits, shift, sums[0].unsqueeze(-1), t_local, mine, valid)
         ctx.layout = (target, axis, vocab, ignore_index, smoothing)
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        softmax, t_local, mine, valid, logits = ctx.saved_tensors
+        logits, shift, sum_exp, t_local, mine, valid = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiable gradients (exact second derivatives)
             return grads_by_recompute(_cross_entropy_reference, (logits,) + ctx.layout, (g,), ctx.needs_input_grad)
-        grad = softmax.clone()
-        if softmax.shape[-1]:
-            idx = t_local.clamp(0, softmax.shape[-1] - 1).unsqueeze(-1)
-            grad.scatter_add_(-1, idx, -(1 - ctx.smoothing) * mine.to(grad.dtype).unsqueeze(-1))
-        if ctx.smoothing:
-            grad -= ctx.smoothing / ctx.vocab
+        _, _, vocab, _, smoothing = ctx.layout
+        grad = (logits.to(torch.promote_types(logits.dtype, torch.float32)) - shift).exp_().div_(sum_exp)  # softmax
+        if grad.shape[-1]:
+            idx = t_local.clamp(0, grad.shape[-1] - 1).unsqueeze(-1)
+            grad.scatter_add_(-1, idx, -(1 - smoothing) * mine.to(grad.dtype).unsqueeze(-1))
+        if smoothing:
+            grad -= smoothing / vocab
         grad *= (g * valid).unsqueeze(-1)
-        return grad.to(ctx.dtype), None, None, None, None, None
+        return grad.to(logits.dtype), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits, target, *, device_mesh: DeviceMesh | None = None,
