@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from dtp.plan.adapters import plan_for_adapters
 from dtp.plan.heads import HEAD_ATTRIBUTES, check_whole_heads
 from dtp.plan.hf_plans import ShardParameter, hf_parameter_placement, hf_style
 from dtp.plan.moe_styles import MlaKvAProjParallel
@@ -82,6 +83,7 @@ def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | 
     if not isinstance(parallelize_plan, dict):
         raise TypeError(f"parallelize_module: parallelize_plan must be a dict {{path pattern: style}} or a style, "
                         f"got {type(parallelize_plan).__name__}")
+    parallelize_plan = plan_for_adapters(module, parallelize_plan)
     paths = [name for name, _ in module.named_modules()]
     params = dict(module.named_parameters())
     chosen: dict[str, tuple[str, object]] = {}
