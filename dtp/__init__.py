@@ -19,6 +19,7 @@ from dtp.plan.style import ParallelStyle
 from dtp.plan.styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
 from dtp.ops.packed import PackedLayout
 from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
+from dtp.plan.expert_styles import ExpertParallel
 
 __all__ = [
     # layers and their functional core
@@ -29,7 +30,7 @@ __all__ = [
     "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles",
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
-    "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts",
+    "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts", "ExpertParallel",
     # 2-D composition and the reference verifier
     "parallelize_2d", "fully_shard", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport", "check_replicas",
     "ReplicaMismatch",

@@ -1,0 +1,123 @@
+"""ExpertParallel: a mixture-of-experts' experts split over the mesh's ep axis, whole experts per rank, tokens
+dispatched to them by all-to-all (torchtitan's ExpertParallel; transformers' `ep_dispatch_experts`).
+
+The experts module is called as transformers' experts are, `experts(hidden (N, d), top_k_index (N, k),
+top_k_weights (N, k)) -> (N, d)` = Σ_j w_tj · E_{i_tj}(X_t), and its own parameters are the experts' weights
+stacked on dim 0 (gate_up_proj / down_proj, or w1 / w2 / w3, biases too).  Each becomes a Shard(0) DTensor over
+the mesh; the module's forward then runs on this rank's experts only (its `num_experts` is set to the local
+count, local expert ids, unit weights), between dtp.ops.expert_dispatch's all-to-alls.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from dtp.mesh import check_member
+from dtp.ops.expert_dispatch import expert_parallel
+from dtp.ops.local_forward import local_forward
+from dtp.plan.style import ParallelStyle
+from dtp.runtime.collectives import axis_of
+from dtp.runtime.sharding import shard_parameter
+
+__all__ = ["ExpertParallel", "check_expert_count", "shard_experts_"]
+
+
+def check_expert_count(num_experts: int, ep: int, where: str) -> None:
+    """ValueError naming the module, the expert count and ep when the experts do not divide over ep (no collective)."""
+    if num_experts % ep:
+        raise ValueError(f"{where}: {num_experts} experts cannot be split over ep={ep} ranks; the number of experts "
+                         f"must be a multiple of ep (each rank holds {num_experts}/ep whole experts)")
+
+
+def _stacked(module, where: str) -> int:
+    """The expert count of a module whose own parameters are all stacked on dim 0 (ValueError otherwise)."""
+    params = [(n, p) for n, p in module.named_parameters(recurse=False)]
+    if not params:
+        raise ValueError(f"{where}: ExpertParallel needs the experts' weights stacked on dim 0 as the module's own "
+                         f"parameters; {type(module).__name__} has none")
+    count = params[0][1].shape[0] if params[0][1].dim() else 0
+    for name, p in params:
+        if p.dim() == 0 or p.shape[0] != count:
+            raise ValueError(f"{where}: ExpertParallel needs every parameter stacked on dim 0 by expert; {name!r} has "
+                             f"shape {tuple(p.shape)} but {params[0][0]!r} holds {count} experts")
+    return count
+
+
+def shard_experts_(module, mesh, where: str) -> int:
+    """The module's stacked expert weights as Shard(0) DTensors over the mesh (no communication); its num_experts set
+    to the local count (transformers' grouped_gemm); returns the global count."""
+    count = None
+    for name, p in list(module._parameters.items()):
+        if p is None:
+            continue
+        count = p.shape[0]
+        if not (isinstance(p, DTensor) and p.placements == (Shard(0),)):
+            module._parameters[name] = shard_parameter(p, mesh, Shard(0), what=f"{where} parameter {name!r}")
+    module._dtp_num_experts = count
+    if hasattr(module, "num_experts"):
+        module.num_experts = count // mesh.size()
+    if hasattr(module, "_is_expert_parallel"):
+        module._is_expert_parallel = True
+    return count
+
+
+def _run_local(module):
+    def run(rows, local_ids):
+        ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+        return local_forward(module, (rows, local_ids.unsqueeze(-1), ones), {})
+    return run
+
+
+def _plain(x):
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def _experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    style = self._dtp_style
+    axis = axis_of(self._dtp_mesh)
+    batch_axis = axis if isinstance(style.input_layouts, Replicate) else (
+        axis_of(style.tp_mesh) if style.tp_mesh is not None else None)
+    hidden = _plain(hidden_states)
+    out = expert_parallel(hidden, _plain(top_k_index), _plain(top_k_weights), self._dtp_num_experts,
+                          _run_local(self), axis, batch_axis)
+    return out.to(hidden.dtype)
+
+
+class ExpertParallel(ParallelStyle):
+    """Y_t = Σ_j w_tj · E_{i_tj}(X_t), experts Shard(0) over the mesh: forward all-to-alls of the counts, the tokens and
+    the outputs, backward the mirror two (dtp.ops.expert_dispatch).
+
+    input_layouts: the tokens' layout over the mesh.  Shard(0) (the default, torchtitan's ep folded into dp): each
+    rank holds its own tokens.  Replicate(): every rank holds the same tokens (as under TP); each dispatches its
+    torch.chunk slice, and the outputs are all-gathered (forward 1 all-gather, backward 2).
+    tp_mesh: a smaller group of ranks of the mesh that share one batch (transformers' ep > tp layout): the tokens
+    are sliced over it before the dispatch and gathered after.
+    """
+
+    def __init__(self, *, input_layouts=Shard(0), tp_mesh=None):
+        if not (isinstance(input_layouts, Replicate) or input_layouts == Shard(0)):
+            raise ValueError(f"ExpertParallel: input_layouts must be Shard(0) (each rank its own tokens) or Replicate() "
+                             f"(every rank the same tokens), got {input_layouts!r}")
+        if tp_mesh is not None and isinstance(input_layouts, Replicate):
+            raise ValueError("ExpertParallel: give tp_mesh (ranks sharing a batch) or input_layouts=Replicate() "
+                             "(all ranks share it), not both")
+        self.input_layouts, self.tp_mesh = input_layouts, tp_mesh
+
+    def check(self, module, mesh, where: str) -> None:
+        super().check(module, mesh, where)
+        if self.is_applied(module, mesh):
+            return
+        check_expert_count(_stacked(module, where), mesh.size(), where)
+        if self.tp_mesh is not None:
+            check_member(self.tp_mesh, where)
+            outside = set(self.tp_mesh.mesh.flatten().tolist()) - set(mesh.mesh.flatten().tolist())
+            if self.tp_mesh.ndim != 1 or outside:
+                raise ValueError(f"{where}: tp_mesh must be a 1-D mesh of ranks inside the ep mesh "
+                                 f"{mesh.mesh.flatten().tolist()}; got {self.tp_mesh}")
+
+    def _apply(self, module, mesh) -> None:
+        shard_experts_(module, mesh, module._dtp_path)
+        module.forward = MethodType(_experts_forward, module)
