@@ -5,9 +5,10 @@
     measured = dtp.comms.measure(model, ids, loss_fn)
     assert report.signature() == measured.signature()
 
-Each collective: phase (forward/backward), kind (all_reduce / all_gather / reduce_scatter), mesh axis,
+Each collective: phase (forward/backward), kind (all_reduce / all_gather / reduce_scatter / all_to_all), mesh axis,
 element count and bytes ("logical" size: the all-reduced tensor, the gathered output, the scattered
-input, padding for uneven shards included) and, when predicted, the module that issues it.
+input, padding for uneven shards included; an all-to-all: what this rank sends, -1 where predicted and known
+only once the tokens are routed) and, when predicted, the module that issues it.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class _Predictor:
             self.embedding(path, module, style, tp)
         elif name == "PrepareModuleInput":
             self.prepare_input(path, module, style, tp, first)
+        elif name == "ExpertParallel":
+            self.experts(path, module, style, tp)
         if any(True for _ in module.parameters(recurse=False)):
             self.grad_flows = True
 
@@ -158,6 +161,37 @@ class _Predictor:
             elif isinstance(declared, Replicate) and isinstance(desired, Replicate) and not first:
                 if not style.use_local_output:
                     self.emit("backward", "all_reduce", self.n * width, path)
+
+    def experts(self, path, m, style, ep):
+        """Counts, tokens and outputs all-to-all forward, the mirror two backward (-1 elements: what this rank's
+        experts received, known only once routed); a batch the ranks share adds its slicing's all-gathers."""
+        k, d, n = _top_k(self.model, path, m), _width(m), self.n
+        batch = m._dtp_mesh if isinstance(style.input_layouts, Replicate) else style.tp_mesh  # ranks sharing tokens
+        shared = batch.size() if batch is not None else 1
+        mine = chunk_sizes(n, shared)[batch.get_local_rank()] if shared > 1 else n  # this rank's slice
+        self.emit("forward", "all_to_all", m._dtp_num_experts, path, axis="ep", dtype=torch.int64)
+        self.emit("forward", "all_to_all", mine * k * d, path, axis="ep")
+        self.emit("forward", "all_to_all", -1, path, axis="ep")
+        self.emit("backward", "all_to_all", mine * k * d, path, axis="ep")
+        self.emit("backward", "all_to_all", -1, path, axis="ep")
+        if shared > 1:
+            self.emit("forward", "all_gather", _padded(n, shared) * d, path)
+            self.emit("backward", "all_gather", _padded(n, shared) * d, path)
+            self.emit("backward", "all_gather", _padded(n, shared) * k, path)
+
+
+def _top_k(model: nn.Module, path: str, experts: nn.Module) -> int:
+    """Experts per token: the MoE block's top_k (its own, its router's or gate's), else the config's."""
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    for owner in (parent, getattr(parent, "router", None), getattr(parent, "gate", None)):
+        if isinstance(getattr(owner, "top_k", None), int):
+            return owner.top_k
+    return experts.config.num_experts_per_tok
+
+
+def _width(experts: nn.Module) -> int:
+    """The experts' input width: their hidden_dim, else the last dim of their first stacked weight."""
+    return getattr(experts, "hidden_dim", None) or next(experts.parameters()).shape[-1]
 
 
 def _input_width(module: nn.Module) -> int:
@@ -239,7 +273,8 @@ class _Recorder(TorchDispatchMode):
         self.phase, self.out = phase, out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func).replace("allreduce", "all_reduce").replace("allgather", "all_gather")
+        name = str(func).replace("allreduce", "all_reduce").replace("allgather", "all_gather").replace(
+            "alltoall", "all_to_all")
         kind = next((k for k in ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
                      if k in name), None)
         if kind and name.startswith(("c10d.", "_c10d_functional.")):
@@ -265,6 +300,8 @@ def _logical_numel(kind: str, name: str, args) -> int:
         return tensors[0].numel() * (args[1] if kind == "all_gather" else 1)
     if kind == "all_reduce":
         return tensors[0].numel()
+    if kind == "all_to_all":  # (output, input, ...): what this rank sends
+        return tensors[1].numel()
     return max(t.numel() for t in tensors)  # the gathered output / the scattered input
 
 

@@ -128,3 +128,36 @@ def case_errors():
 def test_errors_on_every_rank_before_any_collective(pools):
     """An expert count that does not divide by ep names the module, the count and ep; nothing changes."""
     pools.run(4, case_errors)
+
+
+def case_comm_counts(shared):
+    import dtp.comms
+
+    torch.manual_seed(0)
+    world = dist.get_world_size()
+    model = MoEModel(num_experts=2 * world, layers=2)
+    dtp.parallelize_module(model, dtp.init_mesh(tp=world), ep_plan(input_layouts=Replicate() if shared else Shard(0)))
+    ids = torch.randint(0, 32, (3, 5), generator=torch.Generator().manual_seed(dist.get_rank()))
+    predicted = dtp.comms.predict(model, tokens_shape=tuple(ids.shape))
+    measured = dtp.comms.measure(model, ids, lambda logits: loss_fn(model, logits, ids))
+    assert predicted.counts() == measured.counts(), (predicted.counts(), measured.counts())
+    known = sorted((c.phase, c.kind, c.numel) for c in predicted if c.numel >= 0)
+    routed = [(c.phase, c.kind) for c in predicted if c.numel < 0]
+    got = sorted((c.phase, c.kind, c.numel) for c in measured)
+    for entry in known:  # every predicted size is measured; the routed ones are whatever arrived here
+        got.remove(entry)
+    assert sorted((p, k) for p, k, _ in got) == sorted(routed), (got, routed)
+    assert measured.comm_debug_counts  # CommDebugMode saw the same step
+    return dict(measured.counts())
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-tokens", "shared-batch"])
+def test_collectives_predicted_and_measured(pools, shared):
+    """Per MoE layer: 2 all-to-alls forward (tokens, outputs) + the counts exchange, 2 backward; a shared batch adds
+    its all-gathers (the outputs forward, dX and the routing weights' gradient backward)."""
+    counts = pools.run(2, case_comm_counts, shared)[0]
+    layers = 2
+    expected = {("forward", "all_to_all"): 3 * layers, ("backward", "all_to_all"): 2 * layers}
+    if shared:
+        expected |= {("forward", "all_gather"): layers, ("backward", "all_gather"): 2 * layers}
+    assert counts == expected
