@@ -58,11 +58,12 @@ def _traced_local_forward(module: nn.Module, args, kwargs, read_local=to_local):
 
 @traced_as(_traced_local_forward)
 def local_forward(module: nn.Module, args, kwargs, read_local=to_local):
-    """module's own forward; on plain inputs its own DTensor parameters read as read_local(param) (no collective by
-    default), on DTensor inputs it runs on DTensors (DTensor semantics)."""
+    """module's own forward; on plain inputs the DTensor parameters it reads (its own, and those of the submodules no
+    style split: `module._dtp_reads`) as read_local(param) (no collective by default), on DTensor inputs it runs on
+    DTensors (DTensor semantics)."""
     if _has_dtensor(args) or (kwargs and _has_dtensor(kwargs.values())):
         return type(module).forward(module, *args, **kwargs)
-    swapped = _swap_in_locals((module,), read_local)  # local_parameters without a context manager: the hot path
+    swapped = _swap_in_locals(module.__dict__.get("_dtp_reads", (module,)), read_local)  # the hot path: no `with`
     try:
         return type(module).forward(module, *args, **kwargs)
     finally:

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from dtp.plan.adapters import plan_for_adapters
 from dtp.plan.heads import HEAD_ATTRIBUTES, check_whole_heads
+from dtp.plan.mistakes import check_head_indexed_rowwise, watch_uncovered_parameters
 from dtp.plan.hf_plans import ShardParameter, hf_parameter_placement, hf_style
 from dtp.plan.moe_styles import MlaKvAProjParallel
 from dtp.mesh import tp_submesh
@@ -72,6 +73,7 @@ def _check_heads(model: nn.Module, path: str, style, target: nn.Module, tp: int,
         features = target.out_features if isinstance(style, ColwiseParallel) else target.in_features
         for part in style.block_sizes(target, tp) if hasattr(style, "block_sizes") else (features,):  # packed: per block
             check_whole_heads(parent, parent_path, part, tp, where)
+        check_head_indexed_rowwise(parent, parent_path, target, style, where)
 
 
 def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | None = None, *,
@@ -159,6 +161,7 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
     if replicate_rest:
         replicate_remaining_(module, mesh)
     _retie(tied)
+    watch_uncovered_parameters(module)
     if validate:
         check_replicas(module)
     return module

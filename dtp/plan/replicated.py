@@ -2,7 +2,10 @@
 
 After a plan every parameter is a DTensor (optimizers with foreach/fused kernels, clip_grad_norm_
 and state dicts never meet a "mixed torch.Tensor and DTensor" error), while the modules a plan
-left alone still compute on plain local tensors (dtp.ops.local_forward).
+left alone still compute on plain local tensors (dtp.ops.local_forward).  A module reads its local
+tensors and those of every submodule below it that no style split (`module._dtp_reads`): a module that
+calls F.conv1d on its child's weight, as the linear attention of Qwen3.5 and OLMo-hybrid does, or that
+reads a child's buffer, never meets a mixed torch.Tensor and DTensor.
 """
 
 from __future__ import annotations
@@ -40,8 +43,26 @@ def replicated_forward(self, *args, **kwargs):
     return local_forward(self, args, kwargs)
 
 
+def unsplit_subtree(module: nn.Module) -> list:
+    """module and every submodule below it that no style split (the walk stops at a styled module)."""
+    found, todo = [module], list(module.children())
+    while todo:
+        child = todo.pop()
+        if not hasattr(child, "_dtp_style"):
+            found.append(child)
+            todo.extend(child.children())
+    return found
+
+
 def replicate_remaining_(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Every module a plan left alone that owns plain parameters gets replicated DTensor ones and a local-tensor forward."""
+    """Every module a plan left alone that owns plain parameters gets replicated DTensor ones and a local-tensor forward
+    that reads its own and its unsplit submodules' parameters as local tensors (no collective)."""
     for module in model.modules():
         if "forward" not in vars(module) and replicate_own_(module, mesh):
             module.forward = MethodType(replicated_forward, module)
+        if getattr(vars(module).get("forward"), "__func__", None) is replicated_forward:  # again after each call
+            owners = unsplit_subtree(module)
+            if len(owners) > 1:
+                module._dtp_reads = owners
+            else:
+                vars(module).pop("_dtp_reads", None)
