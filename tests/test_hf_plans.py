@@ -34,6 +34,9 @@ def test_every_string_means_what_transformers_registers():
         "packed_colwise": dtp.PackedColwiseParallel(blocks=2), "packed_rowwise": dtp.PackedRowwiseParallel(blocks=2),
         "moe_tp_experts": MoeExpertsParallel(), "moe_identity_expert": MoeIdentityParallel(),
         "mla_kv_a_proj": MlaKvAProjParallel(),  # rope_dim from the model's config at plan time
+        # transformers' expert_parallel.py: whole experts over ep, the tokens all-to-all (the mesh shares the batch)
+        "ep_dispatch_experts": dtp.ExpertParallel(input_layouts=Replicate()),
+        "grouped_gemm": dtp.ExpertParallel(input_layouts=Replicate()),
     }
     assert {name: make() for name, make in HF_STYLES.items()} == expected
     assert hf_parameter_placement("colwise", "attn.sinks", 1, "") == Shard(0)
@@ -44,6 +47,7 @@ def test_every_string_means_what_transformers_registers():
     assert hf_parameter_placement("packed_colwise", "experts.gate_up_proj", 3, "") == Shard(1)  # by 2 blocks
     assert hf_parameter_placement("packed_rowwise", "experts.gate_up_proj", 3, "") == Shard(2)  # by 2 blocks
     assert hf_parameter_placement("packed_rowwise", "experts.bias", 1, "") == Replicate()
+    assert hf_parameter_placement("grouped_gemm", "experts.gate_up_proj", 3, "") == Shard(0)
 
 
 def test_dtp_knows_every_string_transformers_registers():

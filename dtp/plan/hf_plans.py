@@ -16,6 +16,10 @@ transformers registers for each (transformers.distributed.tensor_parallel):
     moe_tp_experts                            MoeExpertsParallel()                     experts split over tp
     moe_identity_expert                       MoeIdentityParallel()                    X / tp
     mla_kv_a_proj                             MlaKvAProjParallel(rope_dim=config.qk_rope_head_dim)
+    ep_dispatch_experts                       ExpertParallel(input_layouts=Replicate())   experts over ep, tokens
+                                              all-to-all; the mesh's ranks share the batch (transformers' ep == tp)
+    grouped_gemm                              a parameter: Shard(0) over ep, whole experts per rank, the module's
+                                              num_experts made local; a module: as ep_dispatch_experts
 
 A key may also name a parameter (`layers.*.self_attn.sinks: colwise`): it is split as transformers
 splits a parameter under that string (colwise: the dim before the last, rowwise: the last, a bias
@@ -28,8 +32,11 @@ packed bias with the wrong rows of its weight).
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
+from dtp.plan.expert_styles import ExpertParallel, check_expert_count
 from dtp.plan.moe_styles import MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
 from dtp.plan.module_io import PrepareModuleOutput
 from dtp.ops.packed import PackedLayout, mark_packed, resolve_blocks, shard_packed
@@ -38,7 +45,7 @@ from dtp.runtime.sharding import shard_parameter
 from dtp.plan.style import ParallelStyle
 from dtp.plan.styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
 
-__all__ = ["HF_STYLES", "hf_style", "hf_parameter_placement", "ShardParameter"]
+__all__ = ["HF_STYLES", "hf_style", "hf_parameter_placement", "ShardParameter", "without_expert_entries"]
 
 HF_PACKED_BLOCKS = 2  # transformers registers its packed styles with split_factor=2 (gate and up)
 HF_STYLES = {
@@ -60,6 +67,8 @@ HF_STYLES = {
     "moe_tp_experts": lambda: MoeExpertsParallel(),
     "moe_identity_expert": lambda: MoeIdentityParallel(),
     "mla_kv_a_proj": lambda: MlaKvAProjParallel(),  # its rope_dim read from the model at plan time
+    "ep_dispatch_experts": lambda: ExpertParallel(input_layouts=Replicate()),
+    "grouped_gemm": lambda: ExpertParallel(input_layouts=Replicate()),  # its usual place, a parameter: Shard(0)
 }
 
 
@@ -78,6 +87,8 @@ def hf_style(name: str, where: str) -> ParallelStyle:
 def hf_parameter_placement(name: str, param_name: str, ndim: int, where: str) -> Placement:
     """The placement transformers gives a parameter that a plan string names directly."""
     _known(where, name)
+    if name == "grouped_gemm":
+        return Shard(0)
     if name == "packed_colwise":
         return Shard(max(ndim - 2, 0))
     if name == "packed_rowwise":
@@ -107,12 +118,18 @@ class ShardParameter:
                              f"{param.device_mesh}; the plan splits it as {self.placement!r} on {mesh}")
         if self.blocks is not None:
             resolve_blocks(self.blocks, param.shape[self.placement.dim], mesh.size(), where)
+        if self.source == "grouped_gemm":
+            check_expert_count(param.shape[0], mesh.size(), where)
 
     def shard(self, owner, name: str, mesh, path: str) -> None:
         """Replace owner's parameter `name` by its DTensor split (no communication)."""
         param = owner._parameters[name]
         if self.blocks is None:
             owner._parameters[name] = shard_parameter(param, mesh, self.placement, what=path)
+            if self.source == "grouped_gemm":  # transformers' MoEParamShard: the experts module counts its own
+                owner._dtp_num_experts = param.shape[0]
+                if hasattr(owner, "num_experts"):
+                    owner.num_experts = param.shape[0] // mesh.size()
             return
         dim = self.placement.dim
         layout = PackedLayout(resolve_blocks(self.blocks, param.shape[dim], mesh.size(), path), dim, mesh.size())
@@ -125,3 +142,12 @@ class ShardParameter:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ShardParameter) and (other.placement, other.blocks) == (self.placement, self.blocks)
+
+
+def without_expert_entries(tp_plan: dict, ep_plan: dict) -> dict:
+    """tp_plan minus its entries on the ep_plan's modules and their children (transformers: EP rules take precedence)."""
+    def under(key, root):
+        k, r = key.split("."), root.split(".")
+        return len(k) >= len(r) and all(fnmatchcase(a, b) or fnmatchcase(b, a) for a, b in zip(k, r))
+    roots = [key for key, value in ep_plan.items() if value != "grouped_gemm"]
+    return {key: value for key, value in tp_plan.items() if not any(under(key, root) for root in roots)}
