@@ -67,7 +67,7 @@ def _check_heads(model: nn.Module, path: str, style, target: nn.Module, tp: int,
     """A projection an attention module's heads run through must give each rank whole heads."""
     if not path or not isinstance(target, nn.Linear) or not isinstance(style, (ColwiseParallel, RowwiseParallel)):
         return
-    parent_path = path.rpartition(".")[0]
+    parent_path = path.removesuffix(".base_layer").rpartition(".")[0]  # a peft LoRA layer's base: its attention
     parent = model.get_submodule(parent_path)
     if any(hasattr(parent, a) for a in HEAD_ATTRIBUTES + ("head_dim",)):
         features = target.out_features if isinstance(style, ColwiseParallel) else target.in_features
