@@ -20,15 +20,15 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
 import tempfile
-import threading
 import time
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from dtp.launch import exit_when_orphaned, pick_backend, run_under_torchrun
 
 __all__ = ["RankPool", "RankError", "run_on_ranks", "run_under_torchrun", "pick_backend"]
 
@@ -37,32 +37,12 @@ class RankError(RuntimeError):
     """One or more ranks raised, timed out or died; the message holds each rank's story."""
 
 
-def pick_backend(world_size: int) -> str:
-    """NCCL when every rank can have its own GPU, gloo otherwise."""
-    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
-        return "nccl"
-    return "gloo"
-
-
-_PARENT_POLL_S = 0.5
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """Start a daemon thread that ends this process as soon as its parent is gone (even mid-collective)."""
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(_PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="dtp-parent-watch", daemon=True).start()
-
-
 def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results, parent_pid):
     # Only the parent decides on Ctrl-C: a task must not turn it into an "err" reply and carry on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while spawning
-    _exit_when_orphaned(parent_pid)
+    exit_when_orphaned(parent_pid)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -256,21 +236,6 @@ class RankPool:
         elif missing:
             parts.append(f"--- ranks {missing} gave no answer (timed out or stuck in a collective) ---")
         raise RankError("\n".join(parts))
-
-
-def run_under_torchrun(fn: Callable, *args: Any, backend: str = "gloo", timeout_s: float = 120.0, **kwargs: Any):
-    """This process is one torchrun rank: a process group whose collectives give up after timeout_s (not torch's
-    30-minute default), fn(*args, **kwargs), and on any exception the traceback and an immediate exit, so that
-    torchrun ends the other ranks at once instead of leaving them waiting in a collective."""
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    dist.destroy_process_group()
-    return result
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None = None,

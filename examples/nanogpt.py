@@ -6,21 +6,28 @@ SwiGLU `gate_up_proj`.  Attention splits the packed output without knowing the t
 sizes in proportion, and `unflatten(-1, (-1, head_dim))`), so the same code runs on one process and on every rank:
 under dtp's PackedColwiseParallel each rank's output slice is [q_r, k_r, v_r] (or [gate_r, up_r]).
 
-    python examples/nanogpt.py [--world-size 2]      # trains a few steps at tp=N and on one process; same losses
+    python examples/nanogpt.py [--world-size 2] [--model gqa]   # a few steps at tp=N and on one process; same losses
+    torchrun --nproc_per_node 2 examples/nanogpt.py             # the same, ranks started by torchrun (rank 0 prints)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import dtp
-from dtp import Replicate
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a plain checkout
+
+import dtp  # noqa: E402
+from dtp import Replicate  # noqa: E402
+from dtp.launch import add_launch_arguments, launch, rank_device, script_world_size  # noqa: E402
 
 
 @dataclass
@@ -194,12 +201,12 @@ def gqa_plan(cfg: GQAConfig, hf_strings: bool = False) -> dict:
 def train(steps: int = 3, which: str = "gpt") -> list[float]:
     """A few AdamW steps at tp = the world size and on one process (same seed, same batch): both losses per step."""
     torch.manual_seed(0)
-    single = GPT(GPTConfig()) if which == "gpt" else GQAModel(GQAConfig())
+    single = (GPT(GPTConfig()) if which == "gpt" else GQAModel(GQAConfig())).to(rank_device())
     model = copy.deepcopy(single)
     plan = gpt_plan() if which == "gpt" else gqa_plan(single.cfg)
     dtp.parallelize_module(model, dtp.default_mesh(), plan)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, single)]
-    ids = torch.randint(0, single.cfg.vocab_size, (4, 16))
+    ids = torch.randint(0, single.cfg.vocab_size, (4, 16)).to(rank_device())
     losses = []
     for _ in range(steps):
         pair = []
@@ -213,12 +220,28 @@ def train(steps: int = 3, which: str = "gpt") -> list[float]:
     return losses
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--model", choices=["gpt", "gqa"], default="gpt")
-    args = parser.parse_args()
-    from dtp.testing import run_on_ranks
+def job(steps: int, which: str) -> tuple:
+    """One rank's part: the losses, with the world size and backend for the printout."""
+    return train(steps, which), dist.get_world_size(), dist.get_backend()
 
-    for step, (tp_loss, one_loss) in enumerate(run_on_ranks(train, args.world_size, 3, args.model)[0]):
-        print(f"step {step}: tp={args.world_size} loss {tp_loss:.6f}   one process {one_loss:.6f}")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_arguments(parser)
+    parser.add_argument("--model", choices=["gpt", "gqa"], default="gpt")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    # python: starts the ranks here; torchrun: this process is one rank (bounded collectives, exit on failure)
+    result = launch(job, args.steps, args.model, world_size=script_world_size(args.world_size), backend=args.backend)
+    if result is None:  # a torchrun rank other than 0: rank 0 prints
+        return
+    losses, world, backend = result
+    for step, (tp_loss, one_loss) in enumerate(losses):
+        print(f"step {step}: tp={world} loss {tp_loss:.6f}   one process {one_loss:.6f}   "
+              f"|diff| {abs(tp_loss - one_loss):.1e}")
+    worst = max(abs(a - b) for a, b in losses)
+    print(f"{args.model}: max |tp - one process| over {len(losses)} steps on {world} ranks ({backend}): {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,11 +20,13 @@ def test_gpt_example(pools, sp):
     assert rows[-1][1] < rows[0][1], "the loss goes down"
 
 
-@pytest.mark.parametrize("reload_world", [4, 1])
-def test_checkpoint_reshard_example_continues_with_the_same_loss(pools, tmp_path, reload_world):
+@pytest.mark.parametrize("reload_world, reload_tp", [(4, None), (1, None), (4, 2), (2, 1)],
+                         ids=["tp4", "tp1", "4-ranks-as-2-replicas-of-tp2", "2-ranks-as-2-replicas-of-tp1"])
+def test_checkpoint_reshard_example_continues_with_the_same_loss(pools, tmp_path, reload_world, reload_tp):
+    """dp=2 x tp=2 saved; reloaded on new ranks, or (as under torchrun) on sub-meshes: replicas of a smaller tp."""
     path = str(tmp_path / "ckpt")
     straight = pools.run(4, first_run, path, 3, 6)[0]
-    resumed = pools.run(reload_world, resumed_run, path, 3, 6)[0]
+    resumed = pools.run(reload_world, resumed_run, path, 3, 6, reload_tp)[0]
     assert len(resumed) == 3
     for a, b in zip(straight[3:], resumed):
         assert abs(a - b) < 1e-5, (straight, resumed)
