@@ -86,6 +86,8 @@ def script_world_size(requested: int | None, default: int = 2) -> int:
         return default if requested is None else requested
     world = int(os.environ["WORLD_SIZE"])
     if requested is not None and requested != world:
+        if os.environ["RANK"] != "0":
+            raise SystemExit(2)  # rank 0 says why, once
         raise SystemExit(f"--world-size {requested} contradicts torchrun's WORLD_SIZE={world}: under torchrun the "
                          f"ranks are torchrun's (--nnodes x --nproc_per_node); drop --world-size")
     return world

@@ -227,3 +227,7 @@ def test_script_world_size(monkeypatch):
     assert script_world_size(None, default=4) == 2 and script_world_size(2) == 2
     with pytest.raises(SystemExit, match="--world-size 4 contradicts torchrun's WORLD_SIZE=2"):
         script_world_size(4)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as info:
+        script_world_size(4)
+    assert info.value.code == 2  # only rank 0 says why
