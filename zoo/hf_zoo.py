@@ -25,7 +25,7 @@ import torch
 
 from zoo.tiny_configs import causal_lm_types, tiny_config
 
-TOLERANCE = 2e-4  # relative to the reference's largest magnitude (float32, reductions reordered)
+TOLERANCE = 1e-3  # relative to the reference's largest magnitude (float32; recurrences reorder long sums)
 
 
 def _differs(a, b) -> float:

@@ -19,6 +19,8 @@ from torch.distributed.tensor import DTensor, Replicate
 from dtp.ops.local_forward import local_forward
 from dtp.runtime.sharding import shard_parameter
 
+CONTAINERS = (nn.ModuleList, nn.ModuleDict)  # no forward of their own: their parent calls their children
+
 __all__ = ["replicate_own_", "replicate_parameters_", "replicate_remaining_", "replicated_forward"]
 
 
@@ -54,12 +56,33 @@ def unsplit_subtree(module: nn.Module) -> list:
     return found
 
 
+def _holds_styles(model: nn.Module) -> set:
+    """ids of the modules at or above a styled module (their subtree holds one)."""
+    holders = set()
+    for path, module in model.named_modules():
+        if hasattr(module, "_dtp_style"):
+            parts = path.split(".") if path else []
+            for i in range(len(parts) + 1):
+                holders.add(id(model.get_submodule(".".join(parts[:i]))))
+    return holders
+
+
 def replicate_remaining_(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Every module a plan left alone that owns plain parameters gets replicated DTensor ones and a local-tensor forward
-    that reads its own and its unsplit submodules' parameters as local tensors (no collective)."""
+    """Every module a plan left alone that owns plain parameters, and every root of a part no style reaches (a router
+    that calls F.linear on its child's weight), gets replicated DTensor parameters and a local-tensor forward that reads
+    its own and its unsplit submodules' parameters as local tensors (no collective)."""
+    holders = _holds_styles(model)
+    parents = {}
+    for owner in model.modules():  # a module's caller: its nearest ancestor that is not a ModuleList / ModuleDict
+        for child in owner.children():
+            parents[id(child)] = parents.get(id(owner), owner) if isinstance(owner, CONTAINERS) else owner
     for module in model.modules():
         if "forward" not in vars(module) and replicate_own_(module, mesh):
             module.forward = MethodType(replicated_forward, module)
+        elif ("forward" not in vars(module) and not isinstance(module, CONTAINERS) and id(module) not in holders
+              and id(parents.get(id(module))) in holders and any(True for _ in module.parameters())):
+            # the root of a part no style reaches, called from one that some do
+            module.forward = MethodType(replicated_forward, module)  # its submodules' turn comes next (pre-order)
         if getattr(vars(module).get("forward"), "__func__", None) is replicated_forward:  # again after each call
             owners = unsplit_subtree(module)
             if len(owners) > 1:
