@@ -54,15 +54,19 @@ def _named_mesh(device_type: str, shape: tuple, names: tuple) -> DeviceMesh:
     return cache[key]
 
 
-def init_mesh(tp: int | None = None, dp: int | None = None, *, device_type: str | None = None) -> DeviceMesh:
+def init_mesh(tp: int | None = None, dp: int | None = None, *, ep: int | None = None,
+              device_type: str | None = None) -> DeviceMesh:
     """A named mesh over the default process group: 1-D ("tp",), or 2-D ("dp", "tp") when dp is given
-    or tp is smaller than the world size.  Sizes are checked (on every rank, before any collective);
+    or tp is smaller than the world size; with ep, a dtp.mesh_ep.MoeMesh (axes dp, ep, tp, efsdp; ep borrows
+    ranks of dp, and of tp when it must).  Sizes are checked (on every rank, before any collective);
     the same sizes give the same mesh object again."""
     _require_process_group()
     world = dist.get_world_size()
-    for name, value in (("tp", tp), ("dp", dp)):
+    for name, value in (("tp", tp), ("dp", dp), ("ep", ep)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"init_mesh: {name} must be a positive int, got {value!r}")
+    if ep is not None and tp is None:
+        tp = 1 if dp is None else None
     if tp is None and dp is None:
         tp = world
     elif tp is None:
@@ -77,6 +81,13 @@ def init_mesh(tp: int | None = None, dp: int | None = None, *, device_type: str 
         raise ValueError(f"init_mesh: dp={dp} x tp={tp} = {(dp or 1) * tp}, but the world size is {world}; "
                          f"the mesh sizes must multiply to the world size")
     device_type = device_type or mesh_device_type()
+    if ep is not None:
+        from dtp.mesh_ep import init_moe_mesh
+        key = (device_type, (world // tp, tp), ("dp", "tp"), ep)
+        cache = _cache()
+        if key not in cache:
+            cache[key] = init_moe_mesh(device_type, world // tp, ep, tp)
+        return cache[key]
     if dp is None:
         return _named_mesh(device_type, (tp,), ("tp",))
     return _named_mesh(device_type, (dp, tp), ("dp", "tp"))
