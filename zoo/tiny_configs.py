@@ -16,7 +16,7 @@ SIZES = {
     "shared_experts_intermediate_size": 32, "shared_intermediate_size": 32, "expert_ffn_hidden_size": 32,
     "dense_intermediate_size": 128, "intermediate_size_mlp": 128,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
-    "moe_topk": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "moe_topk": 2, "moe_k": 2, "num_experts_per_token": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1,
     "decoder_sparse_step": 1, "n_shared_experts": 1,
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
     "qk_head_dim": 16, "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16,
@@ -56,15 +56,24 @@ def tiny_config(config_class, **overrides):
         sizes["head_dim"] = sizes["qk_rope_head_dim"] if "head_dim" in sizes else sizes.pop("head_dim", None)
         sizes = {k: v for k, v in sizes.items() if v is not None}
         sizes["num_key_value_heads"] = sizes.get("num_attention_heads", 8)  # MLA has no grouped key/value heads
-    if "n_group" in defaults or "topk_group" in defaults:  # grouped routing: one group of all experts
-        sizes.update(n_group=1, topk_group=1)
+    if "num_experts_per_tok" in defaults and {"num_experts", "num_local_experts", "n_routed_experts"} & set(sizes):
+        sizes["num_experts_per_tok"] = 2  # DeepSeek-V2's default is None
+    if {"n_group", "num_expert_group", "topk_group"} & set(defaults):  # grouped routing: one group of all experts
+        sizes.update({k: 1 for k in ("n_group", "num_expert_group", "topk_group") if k in defaults})
     if "q_lora_rank" in sizes and defaults.get("q_lora_rank") is None:
         sizes.pop("q_lora_rank")
     for key in TOKEN_IDS:
         if isinstance(defaults.get(key), int) and defaults[key] >= sizes.get("vocab_size", 10**9):
             sizes[key] = TOKEN_IDS.index(key)
-    if isinstance(defaults.get("layer_types"), list):
-        sizes["num_hidden_layers"] = 4  # hybrids: room for both kinds of layer
+    patterns = {k: v for k, v in defaults.items() if k.endswith("layer_types") and isinstance(v, list) and v}
+    if patterns and "num_hidden_layers" in sizes:  # hybrids: 4 layers with every kind of layer each pattern has
+        layers = max(4, *(len(dict.fromkeys(v)) for v in patterns.values()))
+        sizes["num_hidden_layers"] = layers
+        for key, kinds in patterns.items():
+            sizes[key] = (list(dict.fromkeys(kinds)) * layers)[:layers]
+    for key in ("attn_layer_period", "expert_layer_period"):  # Jamba: attention and experts every other layer
+        if key in defaults:
+            sizes.update({key: 2, key.replace("period", "offset"): 1})
     sizes.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

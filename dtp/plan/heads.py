@@ -27,6 +27,8 @@ def check_whole_heads(attention: nn.Module, attention_path: str, features: int, 
     head_dim = getattr(attention, "head_dim", None)
     shares = chunk_sizes(features, tp)
     described = ", ".join(f"{k}={v}" for k, v in counts.items())
+    if features in counts.values():
+        return  # one value per head (a per-head gate, as Laguna's g_proj): each rank keeps its heads' values
     if _int(head_dim):
         if features % head_dim:
             return  # not a projection onto heads of this size

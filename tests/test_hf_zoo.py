@@ -1,0 +1,40 @@
+"""The Hugging Face zoo's representative subset (zoo/hf_zoo.py runs every type by hand): each model type from a tiny
+config through its own tp_plan equals one process (logits, loss, every gradient), or its plan's mistake is named."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from zoo.hf_zoo import zoo_case  # noqa: E402
+
+PASS = [  # (model type, tp, why it is here)
+    ("gemma", 2, "tied embeddings (transformers' own TP refuses them)"),
+    ("olmoe", 2, "MoE: moe_tp_experts, packed expert weights"),
+    ("deepseek_v3", 2, "MLA: mla_kv_a_proj, routed and shared experts"),
+    ("qwen3_5_text", 2, "hybrid: linear attention's F.conv1d on its child's weight"),
+    ("lfm3", 2, "hybrid: short convolutions in decoder layers no entry reaches"),
+    ("longcat_flash", 2, "a router calling F.linear on its child's weight"),
+    ("qwen3_5_text", 4, "hybrid at tp 4"),
+]
+AT_FAULT = [
+    ("apertus", "module 'model.layers.0.mlp.act_fn' .*alpha_p.*column-parallel"),
+    ("doge", "dt_proj.*one per head"),
+]
+
+
+@pytest.mark.parametrize("model_type,tp,why", PASS, ids=[f"{t}-tp{n}" for t, n, _ in PASS])
+def test_zoo_model_equals_one_process(pools, model_type, tp, why):
+    results = pools.run(tp, zoo_case, model_type, "dtp")
+    assert results[0]["status"] == "passed", f"{model_type} ({why}): {results[0]}"
+    assert all(r["status"] == "passed" for r in results), results
+
+
+@pytest.mark.parametrize("model_type,reason", AT_FAULT, ids=[t for t, _ in AT_FAULT])
+def test_zoo_model_whose_own_plan_is_wrong_is_named(pools, model_type, reason):
+    """Apertus' trainable activation on column-parallel shards, Doge's rowwise per-head projection: a PlanMistake
+    naming the module on every rank (transformers gives a 3.3x gradient error and a shape error)."""
+    import re
+
+    results = pools.run(2, zoo_case, model_type, "dtp")
+    for r in results:
+        assert r["status"] == "plan at fault" and re.search(reason, r["reason"]), r
