@@ -72,7 +72,7 @@ def zoo_case(model_type: str, library: str = "dtp") -> dict:
         try:
             _parallelize(model, library)
         except PlanMistake as e:
-            return {"status": "plan at fault", "reason": str(e)[:200]}
+            return {"status": "plan at fault", "reason": str(e)[:400]}
         except (ValueError, TypeError, NotImplementedError, KeyError) as e:
             return {"status": "refused", "reason": f"{type(e).__name__}: {e}"[:200]}
     mistakes = [str(w.message) for w in caught if issubclass(w.category, PlanMistake)]
@@ -85,7 +85,7 @@ def zoo_case(model_type: str, library: str = "dtp") -> dict:
         out.loss.backward()
         ref.loss.backward()
     except PlanMistake as e:
-        return {"status": "plan at fault", "reason": str(e)[:200]}
+        return {"status": "plan at fault", "reason": str(e)[:400]}
     except Exception as e:  # noqa: BLE001
         return {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:200]}
     worst = [("logits", _differs(_full(out.logits), ref.logits)), ("loss", _differs(_full(out.loss), ref.loss))]

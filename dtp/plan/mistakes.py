@@ -29,17 +29,26 @@ class PlanMistake(UserWarning, ValueError):
     """A plan that would give wrong numbers or fail mid-forward (a ValueError, raised on every rank)."""
 
 
+def _attribute(owner, name):
+    """owner.name, or None where reading it raises (a per-layer config attribute read globally, say)."""
+    try:
+        return getattr(owner, name, None)
+    except Exception:  # noqa: BLE001 - transformers' heterogeneous configs raise on a global read
+        return None
+
+
 def check_head_indexed_rowwise(attention: nn.Module, attention_path: str, target: nn.Linear, style, where: str):
     """PlanMistake for a rowwise Linear with a replicated output of one value per head of a head-split attention."""
     from dtp.plan.styles import RowwiseParallel
 
     if not isinstance(style, RowwiseParallel) or not isinstance(style.output_layouts, Replicate):
         return
-    counts = {a: getattr(attention, a) for a in HEAD_ATTRIBUTES if isinstance(getattr(attention, a, None), int)}
     config = getattr(attention, "config", None)
-    counts.update({a: getattr(config, a) for a in HEAD_ATTRIBUTES if isinstance(getattr(config, a, None), int)})
+    counts = {a: n for owner in (config, attention) for a in HEAD_ATTRIBUTES
+              if isinstance(n := _attribute(owner, a), int) and not isinstance(n, bool)}
     hit = [a for a, n in counts.items() if n == target.out_features]
-    if hit:
+    widths = {m.in_features for m in attention.children() if isinstance(m, nn.Linear)}
+    if hit and target.out_features not in widths:  # not a projection back onto the model's width (an o_proj)
         raise PlanMistake(
             f"{where}: the model's plan makes this projection rowwise, but its {target.out_features} outputs are one per "
             f"head ({hit[0]}={target.out_features} of {attention_path!r}), whose heads the plan splits over tp: every "
