@@ -19,7 +19,7 @@ from dtp.plan.style import ParallelStyle
 from dtp.plan.styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
 from dtp.ops.packed import PackedLayout
 from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
-from dtp.plan.expert_styles import ExpertParallel
+from dtp.plan.expert_styles import ExpertParallel, ExpertTensorParallel
 
 __all__ = [
     # layers and their functional core
@@ -31,6 +31,7 @@ __all__ = [
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
     "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts", "ExpertParallel",
+    "ExpertTensorParallel",
     # 2-D composition and the reference verifier
     "parallelize_2d", "fully_shard", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport", "check_replicas",
     "ReplicaMismatch",

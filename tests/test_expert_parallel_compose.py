@@ -55,12 +55,14 @@ def _check_grads(model, single, step, dp_group, experts_summed_over=None):
 
 def case_ep_tp(layout):
     """"titan": dp 2 x tp 2, ep = dp (tokens shared over tp, each tp rank runs its ep rank's experts whole);
-    "borrowed": ep = 4 over dp and tp, each tp rank dispatching its slice of the tp group's tokens."""
+    "borrowed": ep = 4 over dp and tp, each tp rank dispatching its slice of the tp group's tokens; "etp": ep = dp and
+    each expert split over tp (w1 / w3 colwise, w2 rowwise)."""
     torch.manual_seed(0)
     single = MoEModel(num_experts=8, top_k=2)
     model = copy.deepcopy(single)
-    mesh = dtp.init_mesh(dp=2, ep=2 if layout == "titan" else 4, tp=2)
-    style = dtp.ExpertParallel() if layout == "titan" else dtp.ExpertParallel(tp_mesh=mesh["tp"])
+    mesh = dtp.init_mesh(dp=2, ep=4 if layout == "borrowed" else 2, tp=2)
+    style = {"titan": lambda: dtp.ExpertParallel(), "borrowed": lambda: dtp.ExpertParallel(tp_mesh=mesh["tp"]),
+             "etp": lambda: dtp.ExpertTensorParallel(tp_mesh=mesh["tp"])}[layout]()
     dtp.parallelize_module(model, mesh["ep"], {"layers.*.moe.experts": style}, replicate_rest=False)  # experts, then TP
     dtp.parallelize_module(model, mesh["tp"], TP_PLAN)
     dp, dp_rank = mesh.size("dp"), mesh["dp"].get_local_rank()
@@ -81,12 +83,15 @@ def case_ep_tp(layout):
         for opt in optimizers:
             opt.step()
             opt.zero_grad()
-    return str(model.layers[0].moe.experts.w1.device_mesh.mesh.tolist())
+    return [str(p.placements) for p in model.layers[0].moe.experts.parameters()]
 
 
-@pytest.mark.parametrize("layout", ["titan", "borrowed"])
+@pytest.mark.parametrize("layout", ["titan", "borrowed", "etp"])
 def test_ep_times_tp_on_2x2(pools, layout):
-    pools.run(4, case_ep_tp, layout)
+    placements = pools.run(4, case_ep_tp, layout)[0]
+    if layout == "etp":
+        assert placements == ["(Shard(dim=0), Shard(dim=1))", "(Shard(dim=0), Shard(dim=2))",
+                              "(Shard(dim=0), Shard(dim=1))"]
 
 
 def case_ep_fsdp():

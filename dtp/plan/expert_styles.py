@@ -13,16 +13,18 @@ from __future__ import annotations
 from types import MethodType
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from dtp.mesh import check_member
 from dtp.ops.expert_dispatch import expert_parallel
 from dtp.ops.local_forward import local_forward
 from dtp.plan.style import ParallelStyle
 from dtp.runtime.collectives import axis_of
+from dtp.runtime.mappings import copy_to, reduce_from
 from dtp.runtime.sharding import shard_parameter
 
-__all__ = ["ExpertParallel", "check_expert_count", "shard_experts_"]
+__all__ = ["ExpertParallel", "ExpertTensorParallel", "check_expert_count", "shard_experts_"]
 
 
 def check_expert_count(num_experts: int, ep: int, where: str) -> None:
@@ -64,10 +66,13 @@ def shard_experts_(module, mesh, where: str) -> int:
     return count
 
 
-def _run_local(module):
+def _run_local(module, tp_axis=None):
     def run(rows, local_ids):
         ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-        return local_forward(module, (rows, local_ids.unsqueeze(-1), ones), {})
+        if tp_axis is None:
+            return local_forward(module, (rows, local_ids.unsqueeze(-1), ones), {})
+        out = local_forward(module, (copy_to(rows, tp_axis), local_ids.unsqueeze(-1), ones), {})
+        return reduce_from(out, tp_axis)  # each tp rank's share of every expert's down projection, summed
     return run
 
 
@@ -81,8 +86,11 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **k
     batch_axis = axis if isinstance(style.input_layouts, Replicate) else (
         axis_of(style.tp_mesh) if style.tp_mesh is not None else None)
     hidden = _plain(hidden_states)
+    tp_axis = axis_of(style.tp_mesh) if isinstance(style, ExpertTensorParallel) else None
+    if tp_axis is not None:
+        batch_axis = None  # the tp ranks hold the same tokens and all dispatch them: each runs its share of the experts
     out = expert_parallel(hidden, _plain(top_k_index), _plain(top_k_weights), self._dtp_num_experts,
-                          _run_local(self), axis, batch_axis)
+                          _run_local(self, tp_axis), axis, batch_axis)
     return out.to(hidden.dtype)
 
 
@@ -113,11 +121,55 @@ class ExpertParallel(ParallelStyle):
         check_expert_count(_stacked(module, where), mesh.size(), where)
         if self.tp_mesh is not None:
             check_member(self.tp_mesh, where)
-            outside = set(self.tp_mesh.mesh.flatten().tolist()) - set(mesh.mesh.flatten().tolist())
-            if self.tp_mesh.ndim != 1 or outside:
-                raise ValueError(f"{where}: tp_mesh must be a 1-D mesh of ranks inside the ep mesh "
-                                 f"{mesh.mesh.flatten().tolist()}; got {self.tp_mesh}")
+            self._check_tp_mesh(mesh, where)
+
+    def _check_tp_mesh(self, mesh, where: str) -> None:
+        """The ranks sharing a batch lie inside the ep mesh."""
+        outside = set(self.tp_mesh.mesh.flatten().tolist()) - set(mesh.mesh.flatten().tolist())
+        if self.tp_mesh.ndim != 1 or outside:
+            raise ValueError(f"{where}: tp_mesh must be a 1-D mesh of ranks inside the ep mesh "
+                             f"{mesh.mesh.flatten().tolist()}; got {self.tp_mesh}")
 
     def _apply(self, module, mesh) -> None:
         shard_experts_(module, mesh, module._dtp_path)
+        module.forward = MethodType(_experts_forward, module)
+
+
+class ExpertTensorParallel(ExpertParallel):
+    """Experts over ep and each expert split over tp (torchtitan's ExpertTensorParallel): W Shard(0) over ep and
+    colwise (Shard(1)) / rowwise (Shard(2)) over tp, DTensors on the 2-D (ep, tp) mesh.  The ranks of a tp group hold
+    the same tokens and dispatch them alike; each runs its share of its experts between copy_to and reduce_from:
+    forward + 1 all-reduce over tp, backward + 1 (the rows' gradient), besides ExpertParallel's all-to-alls."""
+
+    def __init__(self, *, tp_mesh, colwise=("w1", "w3"), rowwise=("w2",)):
+        self.input_layouts, self.tp_mesh = Shard(0), tp_mesh
+        self.colwise, self.rowwise = tuple(colwise), tuple(rowwise)
+
+    def _mesh_2d(self, mesh, where: str):
+        root = mesh._get_root_mesh()
+        names = (mesh.mesh_dim_names or ("?",))[0], (self.tp_mesh.mesh_dim_names or ("?",))[0]
+        if root is not self.tp_mesh._get_root_mesh() or not set(names) <= set(root.mesh_dim_names or ()):
+            raise ValueError(f"{where}: ExpertTensorParallel needs the ep and tp meshes to be two axes of one mesh "
+                             f"(dtp.init_mesh(dp=, ep=, tp=) with ep dividing dp); got {mesh} and {self.tp_mesh}")
+        return root[names]
+
+    def _check_tp_mesh(self, mesh, where: str) -> None:
+        self._mesh_2d(mesh, where)
+
+    def check(self, module, mesh, where: str) -> None:
+        super().check(module, mesh, where)
+        names = {n for n, _ in module.named_parameters(recurse=False)}
+        if set(self.colwise + self.rowwise) != names:
+            raise ValueError(f"{where}: ExpertTensorParallel splits {sorted(self.colwise)} colwise and "
+                             f"{sorted(self.rowwise)} rowwise, but the experts' parameters are {sorted(names)}")
+
+    def _apply(self, module, mesh) -> None:
+        mesh2 = self._mesh_2d(mesh, module._dtp_path)
+        for name, p in list(module._parameters.items()):
+            split = Shard(1) if name in self.colwise else Shard(2)
+            module._parameters[name] = nn.Parameter(distribute_tensor(p.detach(), mesh2, [Shard(0), split],
+                                                                      src_data_rank=None), p.requires_grad)
+        module._dtp_num_experts = next(iter(module._parameters.values())).shape[0]
+        if hasattr(module, "num_experts"):
+            module.num_experts = module._dtp_num_experts // mesh.size()
         module.forward = MethodType(_experts_forward, module)
