@@ -5,10 +5,17 @@ Crash-safe: a save writes `path.partial`, marks it complete, retires `path` to `
 complete copy — `path`, or between the two renames `path.partial` (new) / `path.old` (previous) —
 which `load_checkpoint(path)` finds and the next `save_checkpoint(path)` puts back at `path` first.
 
+Any complete DCP checkpoint loads: dtp's, or one written by a finished `dcp.save` (torch TP's or torchtitan's key
+layout, dtp.checkpoint.interop); DCP writes `.metadata` last, so a directory without it, or a dtp `.partial` without
+the marker, is an unfinished save, and the message says which.
+
 Strict: everything is checked on every rank before anything loads, and a mismatch is a
 `CheckpointMismatch` (an ordinary ValueError) naming the first differing keys: model keys the
 checkpoint lacks, checkpoint keys the model lacks (allowed and reported with strict=False), an
 optimizer whose state the checkpoint does not hold or holds for another optimizer.
+
+Every failure of a save or load is a `CheckpointError` (an Exception; CheckpointMismatch and CheckpointNotFound are
+kinds of it) raised on every rank alike, naming the path and the first failing rank's cause (dtp.checkpoint.errors).
 
 Packed projections (dtp.ops.packed) are saved in their original layout and loaded into any packed layout
 (dtp.checkpoint.packed_state): a checkpoint saved at tp 2 loads at tp 4, at tp 1 or into a model never parallelized.
@@ -24,20 +31,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dtp.checkpoint.errors import CheckpointError, CheckpointMismatch, CheckpointNotFound, agreed, storage_note
 from dtp.checkpoint.full import packed_layouts
+from dtp.checkpoint.interop import check_keys, dcp_tree, first
 from dtp.checkpoint.packed_state import to_original_layout, to_packed_layout
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "CheckpointMismatch", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "resolve_checkpoint", "CheckpointMismatch", "CheckpointError",
+           "CheckpointNotFound"]
 
 MARKER = "dtp_complete.json"
-
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint does not fit the model or optimizer; raised on every rank before anything is loaded."""
-
-
-class CheckpointError(RuntimeError):
-    """DCP failed on some rank (its CheckpointException is a BaseException); the root cause comes first."""
+METADATA = ".metadata"  # DCP's: written (to a .tmp, then renamed) after every rank's data, so it marks a finished save
 
 
 def _at(step: str) -> None:
@@ -51,17 +54,11 @@ def _dcp():
     return dcp, get_state_dict, set_state_dict
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _complete(directory: str) -> bool:
-    return os.path.isdir(directory) and os.path.exists(os.path.join(directory, MARKER))
+    """DCP's .metadata (written last), and dtp's marker too in a dtp .partial (complete only once marked)."""
+    if not os.path.isfile(os.path.join(directory, METADATA)):
+        return False
+    return not directory.endswith(".partial") or os.path.exists(os.path.join(directory, MARKER))
 
 
 def resolve_checkpoint(path: str) -> str | None:
@@ -73,8 +70,20 @@ def resolve_checkpoint(path: str) -> str | None:
     return None
 
 
-def _recover(path: str) -> None:
-    """Rank 0, before a save: the newest complete copy back at path; the debris of interrupted saves removed."""
+def _dcp_file(name: str) -> bool:
+    return name == MARKER or name.startswith(METADATA) or name.endswith(".distcp") or name.startswith("__")
+
+
+def _prepare(path: str) -> None:
+    """Rank 0, before a save: refuse a file or a directory that is no checkpoint; put the newest complete copy back
+    at path; remove the debris of interrupted saves; make path.partial."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"save_checkpoint: {path} is a file, not a checkpoint directory; nothing was written")
+    if os.path.isdir(path) and not _complete(path):
+        stray = [n for n in os.listdir(path) if not _dcp_file(n)]
+        if stray:
+            raise CheckpointError(f"save_checkpoint: {path} is a directory but no checkpoint (it holds "
+                                  f"{first(stray)}); a save replaces only checkpoints: nothing was written")
     newest = resolve_checkpoint(path)
     if newest is not None and newest != path:
         if os.path.exists(path):
@@ -83,33 +92,23 @@ def _recover(path: str) -> None:
     for debris in (path + ".partial", path + ".old"):
         if os.path.exists(debris):
             shutil.rmtree(debris)
+    os.makedirs(path + ".partial")
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer=None) -> None:
     """Sharded save with DCP (each rank writes its shards), crash-safe: path always holds (or recovers) the new or the
-    previous checkpoint.  A failure while finishing, on rank 0, is raised on every rank (none waits for it)."""
+    previous checkpoint.  Any failure is the same CheckpointError on every rank, naming path and the first cause."""
     dcp, get_state_dict, _ = _dcp()
     path = os.path.abspath(path)
-    if _is_rank0():
-        _recover(path)
-    _barrier()
+    agreed(f"save_checkpoint: preparing {path}", lambda: _prepare(path), only_rank=0, note=lambda: storage_note(path))
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     # packed projections are saved in their original layout (dtp.checkpoint.packed_state)
     state, _ = to_original_layout({"model": model_sd, "optim": optim_sd}, packed_layouts(model))
-    dcp.save(state, checkpoint_id=path + ".partial")  # ends with DCP's barrier
-    failure = ""
-    if _is_rank0():
-        try:
-            _finalize(path + ".partial", path)
-        except Exception as exc:  # every rank learns of it below
-            failure = f"{type(exc).__name__}: {exc}"
-    if dist.is_initialized():
-        box = [failure]
-        dist.broadcast_object_list(box, src=0)
-        failure = box[0]
-    if failure:
-        raise RuntimeError(f"save_checkpoint: finishing {path} failed on rank 0 ({failure}); "
-                           f"load_checkpoint({path!r}) finds the newest complete checkpoint")
+    agreed(f"save_checkpoint: writing {path} (to {os.path.basename(path)}.partial)",
+           lambda: dcp.save(state, checkpoint_id=path + ".partial"), together=True,
+           note=lambda: storage_note(path), hint=f"; {path} is as it was")
+    agreed(f"save_checkpoint: finishing {path}", lambda: _finalize(path + ".partial", path), only_rank=0,
+           hint=f"; load_checkpoint({path!r}) finds the newest complete checkpoint")
 
 
 def _finalize(partial: str, path: str) -> None:
@@ -127,71 +126,60 @@ def _finalize(partial: str, path: str) -> None:
         shutil.rmtree(old)
 
 
-def _flat_keys(state: dict) -> set:
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+def _not_loadable(path: str) -> CheckpointError:
+    """Why path holds no complete checkpoint, and how that was seen."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return CheckpointError(f"load_checkpoint: {path} is a file, not a checkpoint directory")
+    if not os.path.isdir(path):
+        partial = path + ".partial"
+        beside = f" ({partial} is an unfinished save: it has no {MARKER})" if os.path.isdir(partial) else ""
+        return CheckpointNotFound(f"load_checkpoint: no checkpoint directory at {path}{beside}")
+    names = os.listdir(path)
+    if path.endswith(".partial") and METADATA in names:
+        why = f"a dtp save's .partial directory without {MARKER}: the save that wrote it did not finish"
+    elif any(_dcp_file(n) for n in names):
+        why = f"DCP data files ({first(names)}) but no {METADATA}, which DCP writes last: the save did not finish"
+    elif not names:
+        why = f"an empty directory (no {METADATA})"
+    else:
+        return CheckpointMismatch(f"load_checkpoint: {path} is not a DCP checkpoint: no {METADATA} "
+                                  f"(it holds {first(names)})")
+    return CheckpointMismatch(f"load_checkpoint: {path} is incomplete: {why}")
 
-    return set(flatten_state_dict(state)[0])
 
-
-def _first(keys, n: int = 4) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def _check_loadable(path: str, found: str | None, model_sd: dict, optim_sd: dict, optimizer, strict: bool) -> list:
-    """Every rank checks the directory, the keys and the shapes before anything is loaded; returns the skipped keys."""
+def _plan_load(path: str, model_sd: dict, optim_sd: dict, optimizer, strict: bool):
+    """Every rank: the checkpoint directory, its metadata, its key layout, the keys and shapes checked."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    found = resolve_checkpoint(path)
     if found is None:
-        if os.path.isdir(path):
-            raise CheckpointMismatch(f"load_checkpoint: {path} is incomplete (no {MARKER}: the save that wrote it "
-                                     f"did not finish)")
-        raise FileNotFoundError(f"load_checkpoint: no checkpoint directory at {path}")
-    saved = FileSystemReader(found).read_metadata().state_dict_metadata
-    mine = _flat_keys({"model": model_sd})
-    theirs = {k for k in saved if k.startswith("model.")}
-    problems = [f"{k[6:]}: not in the checkpoint" for k in sorted(mine - theirs)[:4]]
-    for name, value in model_sd.items():
-        meta = saved.get(f"model.{name}")
-        if isinstance(value, torch.Tensor) and meta is not None and hasattr(meta, "size") \
-                and tuple(meta.size) != tuple(value.shape):
-            problems.append(f"{name}: checkpoint {tuple(meta.size)} vs model {tuple(value.shape)}")
-    extra = sorted(theirs - mine)
-    if extra and strict:
-        problems.append(f"in the checkpoint but not in the model (strict=False skips them): {_first(extra)}")
-    if optimizer is not None:
-        want = {k for k in _flat_keys({"optim": optim_sd}) if k.startswith("optim.state.")}
-        skipped = {k[6:] for k in extra}  # the optimizer state of parameters the model lacks goes with them
-        have = {k for k in saved if k.startswith("optim.state.") and k[12:].rsplit(".", 1)[0] not in skipped}
-        if not have:
-            problems.append("the checkpoint holds no optimizer state (it was saved without an optimizer); "
-                            "load it without one")
-        elif want != have:
-            problems.append(f"the optimizer state differs (another optimizer?): the optimizer wants "
-                            f"{_first(want - have)}, the checkpoint holds {_first(have - want)}")
+        raise _not_loadable(path)
+    try:
+        saved = FileSystemReader(found).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise CheckpointError(f"load_checkpoint: cannot read {os.path.join(found, METADATA)} "
+                              f"({type(exc).__name__}: {exc})") from exc
+    layout, skipped, problems = check_keys(saved, model_sd, optim_sd, optimizer is not None, strict)
     if problems:
         raise CheckpointMismatch(f"load_checkpoint: {found} does not fit; nothing was loaded: " + "; ".join(problems))
-    return [k[6:] for k in extra]
+    return found, saved, layout, skipped
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer=None, *, strict: bool = True) -> list:
-    """Load a save_checkpoint directory into a model (and optimizer) of any layout: DCP reshards every tensor.
-    Checked first on every rank; loaded into copies, applied only when all read.  Returns the checkpoint's model keys
-    the model lacks, which strict=False skips (strict=True refuses them, as load_state_dict does)."""
+    """Load a complete DCP checkpoint (dtp's, torch TP's, torchtitan's) into a model (and optimizer) of any layout:
+    DCP reshards every tensor.  Checked first on every rank; loaded into copies, applied only when all read.  Returns
+    the checkpoint's model keys the model lacks, which strict=False skips (strict=True refuses them)."""
     dcp, get_state_dict, set_state_dict = _dcp()
     path = os.path.abspath(path)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    found = resolve_checkpoint(path)
-    skipped = _check_loadable(path, found, model_sd, optim_sd, optimizer, strict)
+    found, saved, layout, skipped = agreed(f"load_checkpoint: reading {path}",
+                                           lambda: _plan_load(path, model_sd, optim_sd, optimizer, strict))
     state = {"model": _detached_copy(model_sd), "optim": _detached_copy(optim_sd)}
     state, replaced = to_original_layout(state, packed_layouts(model), empty=True)  # read packed projections as saved
-    try:
-        dcp.load(state, checkpoint_id=found)
-    except BaseException as exc:  # DCP's CheckpointException is a BaseException: hand on an ordinary one
-        if type(exc).__name__ != "CheckpointException":
-            raise
-        causes = [f"rank {r}: {type(e).__name__}: {e}" for r, e in getattr(exc, "failures", {}).items()]
-        raise CheckpointError(f"load_checkpoint: DCP failed reading {found}: " + " | ".join(causes)) from exc
+    tree, finish = dcp_tree(layout, state, saved)
+    agreed(f"load_checkpoint: reading {found}", lambda: dcp.load(tree, checkpoint_id=found), together=True,
+           hint="; nothing was loaded")
+    finish()
     to_packed_layout(state, replaced)
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
