@@ -22,11 +22,12 @@ SIZES = {
     "qk_head_dim": 16, "sliding_window": 16, "sliding_window_size": 16, "attention_chunk_size": 16,
     "linear_num_key_heads": 4, "linear_num_value_heads": 8, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
     "linear_num_heads": 8, "linear_head_dim": 8, "linear_conv_kernel_dim": 4,
-    "mamba_n_heads": 8, "mamba_num_heads": 8, "mamba_head_dim": 8, "mamba_d_head": 8, "mamba_d_state": 8,
+    "mamba_n_heads": 8, "mamba_num_heads": 8, "mamba_head_dim": 16, "mamba_d_head": 16, "mamba_d_state": 8,
     "mamba_d_ssm": 64, "ssm_state_size": 8, "mamba_chunk_size": 16, "chunk_size": 16,
     "index_n_heads": 4, "index_head_dim": 8, "index_topk": 8, "rotary_dim": 4,
     "vocab_size_per_layer_input": 96, "hidden_size_per_layer_input": 8, "ple_embed_dim": 8,
 }
+DERIVED = ("head_dim", "num_key_value_heads")  # None by default in some configs (derived later): set them anyway
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
@@ -51,7 +52,7 @@ def tiny_config(config_class, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         defaults = config_class().to_dict()
-    sizes = {k: v for k, v in SIZES.items() if k in defaults and defaults[k] is not None}
+    sizes = {k: v for k, v in SIZES.items() if k in defaults and (defaults[k] is not None or k in DERIVED)}
     if "kv_lora_rank" in sizes:  # MLA: the rotary part is the head_dim that rope sees
         sizes["head_dim"] = sizes["qk_rope_head_dim"] if "head_dim" in sizes else sizes.pop("head_dim", None)
         sizes = {k: v for k, v in sizes.items() if v is not None}
@@ -71,6 +72,8 @@ def tiny_config(config_class, **overrides):
         sizes["num_hidden_layers"] = layers
         for key, kinds in patterns.items():
             sizes[key] = (list(dict.fromkeys(kinds)) * layers)[:layers]
+    if "attn_layer_indices" in defaults:  # Bamba: attention at layer 1 of 4
+        sizes["attn_layer_indices"], sizes["num_hidden_layers"] = [1], 4
     for key in ("attn_layer_period", "expert_layer_period"):  # Jamba: attention and experts every other layer
         if key in defaults:
             sizes.update({key: 2, key.replace("period", "offset"): 1})
