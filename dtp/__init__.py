@@ -11,6 +11,7 @@ from dtp.compose import clip_grad_norm_, fully_shard, parallelize_2d
 from dtp.data_parallel import replicate_over
 from dtp.ops.loss import vocab_parallel_cross_entropy
 from dtp.mesh import default_mesh, init_mesh
+from dtp.plan.mistakes import PlanMistake
 from dtp.plan.parallelize import applied_styles, explain_plan, parallelize_module
 from dtp.replica_check import ReplicaMismatch, check_replicas
 from dtp.verify import VerifyReport, verify
@@ -27,7 +28,7 @@ __all__ = [
     "column_linear", "row_linear", "vocab_parallel_embedding", "column_embedding",
     "vocab_parallel_cross_entropy",
     # meshes and plans
-    "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles",
+    "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles", "PlanMistake",
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
     "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts", "ExpertParallel",
