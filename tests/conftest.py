@@ -5,6 +5,9 @@ import pytest
 from dtp.testing import RankPool
 
 WORLD_SIZES = (1, 2, 3, 4)
+# A case that hangs still ends, but a slow one on a busy runner (an inductor compile at load 30) never fails: 10
+# minutes per case, and collectives that wait as long for a slow peer (a failing rank ends the others at once anyway).
+CASE_TIMEOUT_S, COLLECTIVE_TIMEOUT_S = 600.0, 600.0
 
 
 class RankPools:
@@ -17,9 +20,9 @@ class RankPools:
         """Run fn on `world_size` ranks of the session pool of that size and return the results by rank."""
         if not self._pools:
             for ws in WORLD_SIZES:  # spawn every size at once: the startup costs overlap
-                self._pools[ws] = RankPool(ws, timeout=120.0).start()
+                self._pools[ws] = RankPool(ws, timeout=CASE_TIMEOUT_S, pg_timeout=COLLECTIVE_TIMEOUT_S).start()
         if world_size not in self._pools:
-            self._pools[world_size] = RankPool(world_size, timeout=120.0).start()
+            self._pools[world_size] = RankPool(world_size, timeout=CASE_TIMEOUT_S, pg_timeout=COLLECTIVE_TIMEOUT_S).start()
         return self._pools[world_size].run(fn, *args, **kwargs)
 
     def close(self):

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from dtp.testing import RankError, RankPool
+from tests.slowness import allowed
 
 
 def case_sum_of_ranks():
@@ -34,15 +35,16 @@ def test_reused_workers_are_fast(pools):
     start = time.perf_counter()
     for _ in range(5):
         pools.run(2, case_sum_of_ranks)
-    assert (time.perf_counter() - start) / 5 < 1.0
+    assert (time.perf_counter() - start) / 5 < allowed(1.0)
 
 
 def test_failing_rank_reported_and_nobody_hangs():
-    with RankPool(3, timeout=30) as pool:
+    with RankPool(3, timeout=600) as pool:
+        pool.run(case_sum_of_ranks)  # started: the bound below is on the release, not on spawning 3 ranks
         start = time.perf_counter()
         with pytest.raises(RankError) as info:
             pool.run(case_rank_one_raises)
-        assert time.perf_counter() - start < 20, "the waiting ranks were not released"
+        assert time.perf_counter() - start < allowed(20), "the waiting ranks were not released"
         assert "rank 1 raised" in str(info.value) and "rank one is unhappy" in str(info.value)
         # the pool restarts itself and works again
         assert [r[0] for r in pool.run(case_sum_of_ranks)] == [3.0] * 3
@@ -78,13 +80,13 @@ def case_rank_fails_inside_a_model(where):
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_a_failing_rank_ends_all_ranks_within_ten_seconds(where):
-    with RankPool(2, timeout=60, pg_timeout=1800) as pool:  # the process-group timeout alone would wait 30 minutes
+    with RankPool(2, timeout=600, pg_timeout=1800) as pool:  # the process-group timeout alone would wait 30 minutes
         pool.run(case_sum_of_ranks)  # started and warm
         start = time.perf_counter()
         with pytest.raises(RankError) as info:
             pool.run(case_rank_fails_inside_a_model, where)
         elapsed = time.perf_counter() - start
-    assert elapsed < 10, f"the peers of a failed rank took {elapsed:.1f} s to end"
+    assert elapsed < allowed(10), f"the peers of a failed rank took {elapsed:.1f} s to end"
     assert f"rank 1 fails mid-{where}" in str(info.value) and "rank 1 raised" in str(info.value)
     assert "ranks [0] were stopped: they waited in a collective for rank(s) [1]" in str(info.value)
 
@@ -100,8 +102,8 @@ def test_under_torchrun_a_failing_rank_ends_the_job(where):
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            os.path.join(root, "tests", "torchrun_failing_rank.py"), where],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=allowed(120), env={**os.environ, "OMP_NUM_THREADS": "1"})
     elapsed = time.perf_counter() - start
     assert done.returncode != 0 and f"rank 1 fails mid-{where}" in done.stderr, done.stderr[-2000:]
     assert "rank finished" not in done.stdout, "a rank went on after its peer failed"
-    assert elapsed < 40, f"torchrun took {elapsed:.1f} s (process start included) to end after a rank failed"
+    assert elapsed < allowed(40), f"torchrun took {elapsed:.1f} s (process start included) to end after a rank failed"
