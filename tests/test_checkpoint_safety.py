@@ -11,6 +11,7 @@ import dtp.checkpoint.sharded as ckpt
 from examples.gpt import GPT, GPTConfig, tp_plan
 
 from .test_checkpoint import CFG, build, full_states
+from tests.slowness import allowed
 
 STEPS = ("mark complete", "retire previous", "promote new", "remove previous")
 
@@ -81,7 +82,7 @@ def test_a_rank_killed_between_the_renames_loses_nothing(pools, tmp_path):
     from dtp.testing import RankError, RankPool
 
     path = str(tmp_path / "ckpt")
-    with RankPool(2, timeout=60) as pool:  # its own ranks: this one dies
+    with RankPool(2, timeout=allowed(60)) as pool:  # its own ranks: this one dies
         pool.run(case_killed_between_renames, path, "before")
         with pytest.raises(RankError, match="died"):
             pool.run(case_killed_between_renames, path, "kill")

@@ -12,6 +12,7 @@ from torch import nn
 import parallel_linear as pl
 
 from .reference import assert_close, expect_errors, rank_world
+from tests.slowness import allowed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,6 +168,6 @@ def test_plain_checkout_imports_without_install(tmp_path):
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
-                         timeout=120)
+                         timeout=allowed(120))
     assert out.returncode == 0, out.stderr
     assert "ColumnParallelLinear RowParallelLinear" in out.stdout

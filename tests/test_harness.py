@@ -100,7 +100,7 @@ def test_under_torchrun_a_failing_rank_ends_the_job(where):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(root, "tests", "torchrun_failing_rank.py"), where],
                           capture_output=True, text=True, timeout=allowed(120), env={**os.environ, "OMP_NUM_THREADS": "1"})
     elapsed = time.perf_counter() - start

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dtp.launch import BACKEND_ENV, pick_backend, run_under_torchrun, script_world_size
+from tests.slowness import allowed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_TIMEOUT_S = 240  # each job alone takes ~8 s on a quiet 2-core machine; all of them start at once
@@ -77,8 +78,9 @@ class Job:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
-    def wait(self, timeout: float = JOB_TIMEOUT_S) -> tuple:
+    def wait(self, timeout: float | None = None) -> tuple:
         """(return code, stdout, stderr); on timeout the job is killed and the test fails with its stderr."""
+        timeout = timeout or allowed(JOB_TIMEOUT_S)
         try:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -102,7 +104,7 @@ def two_node_args(kind: str, port: int, node: int) -> list:
     if kind == "c10d":
         return ["--nnodes", "2", "--nproc_per_node", "2", "--node_rank", str(node), "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "dtp-two-nodes",
-                "--rdzv_conf", "join_timeout=120", "tests/torchrun_nodes.py", "mesh"]
+                "--rdzv_conf", f"join_timeout={int(allowed(120))}", "tests/torchrun_nodes.py", "mesh"]
     return ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node), "--master_addr", "localhost",
             "--master_port", str(port), "tests/torchrun_nodes.py", "mesh"]
 
@@ -164,13 +166,13 @@ def test_no_rank_outlives_a_killed_torchrun_agent(jobs):
         pytest.fail(f"the rank did not start within {JOB_TIMEOUT_S} s:\n{job.proc.stderr.read()[-2000:]}")
     try:
         os.kill(job.proc.pid, signal.SIGKILL)  # the agent only: it cannot pass anything on to its ranks
-        job.proc.wait(timeout=30)
+        job.proc.wait(timeout=allowed(30))
         start = time.monotonic()
         while any(alive(p) for p in pids) and time.monotonic() - start < 30:
             time.sleep(0.1)
         elapsed = time.monotonic() - start
         assert not any(alive(p) for p in pids), "ranks still running 30 s after their torchrun agent was killed"
-        assert elapsed < 10, f"the ranks took {elapsed:.1f} s to notice their agent had gone"
+        assert elapsed < allowed(10), f"the ranks took {elapsed:.1f} s to notice their agent had gone"
     finally:
         for pid in pids:
             if alive(pid):
