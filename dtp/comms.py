@@ -103,7 +103,7 @@ class _Predictor:
             self.embedding(path, module, style, tp)
         elif name == "PrepareModuleInput":
             self.prepare_input(path, module, style, tp, first)
-        elif name == "ExpertParallel":
+        elif name in ("ExpertParallel", "ExpertTensorParallel"):
             self.experts(path, module, style, tp)
         if any(True for _ in module.parameters(recurse=False)):
             self.grad_flows = True
@@ -166,7 +166,8 @@ class _Predictor:
         """Counts, tokens and outputs all-to-all forward, the mirror two backward (-1 elements: what this rank's
         experts received, known only once routed); a batch the ranks share adds its slicing's all-gathers."""
         k, d, n = _top_k(self.model, path, m), _width(m), self.n
-        batch = m._dtp_mesh if isinstance(style.input_layouts, Replicate) else style.tp_mesh  # ranks sharing tokens
+        etp = _kind(style) == "ExpertTensorParallel"  # its tp ranks all dispatch their (shared) tokens
+        batch = m._dtp_mesh if isinstance(style.input_layouts, Replicate) else None if etp else style.tp_mesh
         shared = batch.size() if batch is not None else 1
         mine = chunk_sizes(n, shared)[batch.get_local_rank()] if shared > 1 else n  # this rank's slice
         self.emit("forward", "all_to_all", m._dtp_num_experts, path, axis="ep", dtype=torch.int64)
@@ -174,6 +175,9 @@ class _Predictor:
         self.emit("forward", "all_to_all", -1, path, axis="ep")
         self.emit("backward", "all_to_all", mine * k * d, path, axis="ep")
         self.emit("backward", "all_to_all", -1, path, axis="ep")
+        if etp:  # each expert's tp shares summed over the rows that arrived, and the rows' gradients
+            self.emit("forward", "all_reduce", -1, path)
+            self.emit("backward", "all_reduce", -1, path)
         if shared > 1:
             self.emit("forward", "all_gather", _padded(n, shared) * d, path)
             self.emit("backward", "all_gather", _padded(n, shared) * d, path)

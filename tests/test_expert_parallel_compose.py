@@ -131,3 +131,27 @@ def case_ep_fsdp():
 def test_ep_times_fsdp2(pools, world):
     placements = pools.run(world, case_ep_fsdp)[0]
     assert "Shard(dim=0)" in placements
+
+
+def case_etp_comms():
+    import dtp.comms
+
+    torch.manual_seed(0)
+    model = MoEModel(num_experts=4, top_k=2)
+    mesh = dtp.init_mesh(dp=2, ep=2, tp=2)
+    dtp.parallelize_module(model, mesh["ep"], {"layers.*.moe.experts": dtp.ExpertTensorParallel(tp_mesh=mesh["tp"])},
+                           replicate_rest=False)
+    dtp.parallelize_module(model, mesh["tp"], TP_PLAN)
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(mesh["dp"].get_local_rank()))
+    predicted = dtp.comms.predict(model, tokens_shape=tuple(ids.shape))
+    measured = dtp.comms.measure(model, ids, lambda logits: loss_fn(model, logits, ids))
+    assert predicted.counts() == measured.counts(), (predicted.counts(), measured.counts())
+    return dict(measured.counts())
+
+
+def test_etp_collectives_predicted_and_measured(pools):
+    """Per MoE layer: ExpertParallel's 3 + 2 all-to-alls over ep and one all-reduce each way over tp, beside the
+    attention's and the shared expert's TP all-reduces (one each way per Colwise -> Rowwise pair)."""
+    counts = pools.run(4, case_etp_comms)[0]
+    assert counts[("forward", "all_to_all")] == 6 and counts[("backward", "all_to_all")] == 4
+    assert counts[("forward", "all_reduce")] == 2 * 3  # per layer: attention, shared expert, experts
