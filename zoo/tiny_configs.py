@@ -23,7 +23,7 @@ SIZES = {
     "linear_num_key_heads": 4, "linear_num_value_heads": 8, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
     "linear_num_heads": 8, "linear_head_dim": 8, "linear_conv_kernel_dim": 4,
     "mamba_n_heads": 8, "mamba_num_heads": 8, "mamba_head_dim": 16, "mamba_d_head": 16, "mamba_d_state": 8,
-    "mamba_d_ssm": 64, "ssm_state_size": 8, "mamba_chunk_size": 16, "chunk_size": 16,
+    "mamba_d_ssm": 128, "ssm_state_size": 8, "mamba_chunk_size": 16, "chunk_size": 16,
     "index_n_heads": 4, "index_head_dim": 8, "index_topk": 8, "rotary_dim": 4,
     "vocab_size_per_layer_input": 96, "hidden_size_per_layer_input": 8, "ple_embed_dim": 8,
 }
