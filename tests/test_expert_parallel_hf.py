@@ -49,15 +49,25 @@ def _summed(t, group):
     return t
 
 
-def case_hf(kind, tp=None):
+def case_hf(kind, tp=None, borrowed=False):
     """ep = the world (every rank the same batch), or tp plan on mesh["tp"] + ep plan on the same ranks with a batch
-    per dp rank (dense gradients summed over dp by hand: each dp rank's loss is 1/dp of the global mean)."""
+    per dp rank (dense gradients summed over dp by hand: each dp rank's loss is 1/dp of the global mean), or
+    (borrowed) the ep plan over all dp x tp ranks, the tokens of a tp group sliced over it (transformers' ep > tp)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    single = build(kind, experts=2 * (tp or world))
+    single = build(kind, experts=2 * (tp if tp and not borrowed else world))
     model = copy.deepcopy(single)
+    experts_everywhere = tp is None or borrowed  # each expert on one rank only: its gradient is complete there
     if tp is None:
         mesh, dp, dp_group = dtp.init_mesh(tp=world), 1, None
         dtp.parallelize_module(model, mesh, model.ep_plan)
+    elif borrowed:
+        moe_mesh = dtp.init_mesh(dp=world // tp, ep=world, tp=tp)
+        dp, dp_group = world // tp, moe_mesh["dp"].get_group()
+        dtp.parallelize_module(model, moe_mesh["tp"], without_expert_entries(model.tp_plan, model.ep_plan))
+        plan = {key: dtp.ExpertParallel(tp_mesh=moe_mesh["tp"]) if value == "ep_dispatch_experts" else value
+                for key, value in model.ep_plan.items()}  # the ranks sharing a batch: a tp group, not the ep group
+        dtp.parallelize_module(model, moe_mesh["ep"], plan)  # after the TP plan: the experts' whole weights split
+        rank = moe_mesh["dp"].get_local_rank() * tp
     else:
         mesh2 = dtp.init_mesh(dp=world // tp, tp=tp)
         mesh, dp, dp_group = mesh2["tp"], world // tp, mesh2["dp"].get_group()
@@ -76,9 +86,10 @@ def case_hf(kind, tp=None):
         ref.loss.backward()
         for (name, p), r in zip(model.named_parameters(), single.parameters()):
             local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            if dp > 1:
+            expert = p.placements == (Shard(0),) and name.rpartition(".")[0].endswith("experts")  # whole experts here
+            if dp > 1 and not (expert and experts_everywhere):
                 local.copy_(_summed(local, dp_group))  # the data-parallel sum, here by hand
-            if p.placements == (Shard(0),) and name.rpartition(".")[0].endswith("experts"):  # whole experts here
+            if expert:
                 assert_close(local, r.grad.chunk(p.device_mesh.size())[p.device_mesh.get_local_rank()],
                              f"step {step} grad of {name}", scale=3.0)
             else:
@@ -97,8 +108,9 @@ def test_transformers_moe_with_its_own_ep_plan(pools, kind, world):
     assert pools.run(world, case_hf, kind)[0] == ["(Shard(dim=0),)"]
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_tp_plan_and_ep_plan_on_a_2d_mesh(pools, kind):
-    """dp 2 x tp 2: attention (and Qwen3's dense parts) split over tp, experts over the same ranks (ep = tp), a batch
-    per dp rank."""
-    assert pools.run(4, case_hf, kind, 2)[0] == ["(Shard(dim=0),)"]
+@pytest.mark.parametrize("kind, borrowed", [("mixtral", False), ("qwen3_moe", False), ("mixtral", True)],
+                         ids=["mixtral-ep=tp", "qwen3_moe-ep=tp", "mixtral-ep=dp*tp"])
+def test_tp_plan_and_ep_plan_on_a_2d_mesh(pools, kind, borrowed):
+    """dp 2 x tp 2: attention (and Qwen3's dense parts) split over tp, experts over the same ranks (ep = tp) or over
+    all four (ep 4, the tokens of each tp group sliced over it), a batch per dp rank."""
+    assert pools.run(4, case_hf, kind, 2, borrowed)[0] == ["(Shard(dim=0),)"]

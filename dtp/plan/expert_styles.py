@@ -56,6 +56,8 @@ def shard_experts_(module, mesh, where: str) -> int:
         if p is None:
             continue
         count = p.shape[0]
+        if isinstance(p, DTensor) and p.device_mesh != mesh and _replicated(p):  # whole, from another plan's rest
+            p = nn.Parameter(p._local_tensor.detach(), requires_grad=p.requires_grad)
         if not (isinstance(p, DTensor) and p.placements == (Shard(0),)):
             module._parameters[name] = shard_parameter(p, mesh, Shard(0), what=f"{where} parameter {name!r}")
     module._dtp_num_experts = count
@@ -64,6 +66,10 @@ def shard_experts_(module, mesh, where: str) -> int:
     if hasattr(module, "_is_expert_parallel"):
         module._is_expert_parallel = True
     return count
+
+
+def _replicated(p) -> bool:
+    return all(isinstance(placement, Replicate) for placement in p.placements)
 
 
 def _run_local(module, tp_axis=None):
@@ -115,7 +121,14 @@ class ExpertParallel(ParallelStyle):
         self.input_layouts, self.tp_mesh = input_layouts, tp_mesh
 
     def check(self, module, mesh, where: str) -> None:
-        super().check(module, mesh, where)
+        previous = getattr(module, "_dtp_style", None)
+        if previous is not None and not self.is_applied(module, mesh):
+            raise ValueError(f"{where}: the module was already parallelized with {previous!r} on "
+                             f"{module._dtp_mesh}; it cannot also take {self!r}")
+        for name, p in module.named_parameters(recurse=False):  # replicated on another mesh (a TP plan's rest): whole
+            if isinstance(p, DTensor) and p.device_mesh != mesh and not _replicated(p):
+                raise ValueError(f"{where}: parameter {name!r} is already split on another device mesh "
+                                 f"({p.device_mesh}, placements {list(p.placements)}); this plan uses {mesh}")
         if self.is_applied(module, mesh):
             return
         check_expert_count(_stacked(module, where), mesh.size(), where)
@@ -167,7 +180,8 @@ class ExpertTensorParallel(ExpertParallel):
         mesh2 = self._mesh_2d(mesh, module._dtp_path)
         for name, p in list(module._parameters.items()):
             split = Shard(1) if name in self.colwise else Shard(2)
-            module._parameters[name] = nn.Parameter(distribute_tensor(p.detach(), mesh2, [Shard(0), split],
+            full = p._local_tensor if isinstance(p, DTensor) else p  # whole (replicated elsewhere) or plain
+            module._parameters[name] = nn.Parameter(distribute_tensor(full.detach(), mesh2, [Shard(0), split],
                                                                       src_data_rank=None), p.requires_grad)
         module._dtp_num_experts = next(iter(module._parameters.values())).shape[0]
         if hasattr(module, "num_experts"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from dtp.plan.expert_styles import ExpertParallel, check_expert_count
@@ -112,8 +113,9 @@ class ShardParameter:
 
     def check(self, param, mesh, where: str) -> None:
         """Errors (every rank, before anything changes) for a parameter this entry cannot split."""
-        if isinstance(param, DTensor) and (param.device_mesh != mesh
-                                           or param.placements not in ((Replicate(),), (self.placement,))):
+        elsewhere = self.source == "grouped_gemm" and isinstance(param, DTensor) and param.placements == (Replicate(),)
+        if isinstance(param, DTensor) and not elsewhere and (param.device_mesh != mesh
+                                                             or param.placements not in ((Replicate(),), (self.placement,))):
             raise ValueError(f"{where}: the parameter is already a DTensor {list(param.placements)} on "
                              f"{param.device_mesh}; the plan splits it as {self.placement!r} on {mesh}")
         if self.blocks is not None:
@@ -124,6 +126,8 @@ class ShardParameter:
     def shard(self, owner, name: str, mesh, path: str) -> None:
         """Replace owner's parameter `name` by its DTensor split (no communication)."""
         param = owner._parameters[name]
+        if isinstance(param, DTensor) and param.device_mesh != mesh:  # grouped_gemm: whole on a TP plan's mesh
+            param = nn.Parameter(param._local_tensor.detach(), requires_grad=param.requires_grad)
         if self.blocks is None:
             owner._parameters[name] = shard_parameter(param, mesh, self.placement, what=path)
             if self.source == "grouped_gemm":  # transformers' MoEParamShard: the experts module counts its own
