@@ -3,7 +3,7 @@
     python -m benchmarks.bench_moe --shapes layer model --world-size 2 --rounds 20 --steps 3 [--json out.json]
 
 Variants (forward + backward of one training step, no optimizer): "dtp" (dtp.ExpertParallel, each rank its own
-tokens), "hand" (a hand-written expert-parallel layer: plain local expert weights, torch's functional
+tokens; the dense parameters left plain, replicate_rest=False, as a data-parallel wrapper would take them), "hand" (a hand-written expert-parallel layer: plain local expert weights, torch's functional
 all_to_all_single_autograd, as torchtitan writes it) and "single" (one process on the global batch, rank 0 alone).
 Also reported: the share of dtp's step spent in its all-to-alls (each call timed, in a separate pass) and the
 (token, expert) pairs each rank's experts received per step (the load imbalance: max / mean).
@@ -114,8 +114,8 @@ def moe_rank(shape: str, rounds: int, steps: int) -> dict:
     torch.set_num_threads(1)
     single, make_input, loss_of, tokens = _build(shape)
     ours, hand = copy.deepcopy(single), copy.deepcopy(single)
-    dtp.parallelize_module(ours, dtp.init_mesh(tp=world), {
-        ("experts" if shape == "layer" else "layers.*.moe.experts"): dtp.ExpertParallel()})
+    dtp.parallelize_module(ours, dtp.init_mesh(tp=world), {  # dense parameters stay plain, as in "hand"
+        ("experts" if shape == "layer" else "layers.*.moe.experts"): dtp.ExpertParallel()}, replicate_rest=False)
     for layer in _moe_layers(hand):
         layer.experts = HandExperts(layer.experts, dist.group.WORLD)
     torch.manual_seed(rank + 1)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtp.comms_ep import predict_experts
 from dtp.runtime.collectives import chunk_sizes
 
 __all__ = ["Collective", "CommReport", "predict", "measure"]
@@ -104,7 +105,7 @@ class _Predictor:
         elif name == "PrepareModuleInput":
             self.prepare_input(path, module, style, tp, first)
         elif name in ("ExpertParallel", "ExpertTensorParallel"):
-            self.experts(path, module, style, tp)
+            predict_experts(self, path, module, style)
         if any(True for _ in module.parameters(recurse=False)):
             self.grad_flows = True
 
@@ -161,41 +162,6 @@ class _Predictor:
             elif isinstance(declared, Replicate) and isinstance(desired, Replicate) and not first:
                 if not style.use_local_output:
                     self.emit("backward", "all_reduce", self.n * width, path)
-
-    def experts(self, path, m, style, ep):
-        """Counts, tokens and outputs all-to-all forward, the mirror two backward (-1 elements: what this rank's
-        experts received, known only once routed); a batch the ranks share adds its slicing's all-gathers."""
-        k, d, n = _top_k(self.model, path, m), _width(m), self.n
-        etp = _kind(style) == "ExpertTensorParallel"  # its tp ranks all dispatch their (shared) tokens
-        batch = m._dtp_mesh if isinstance(style.input_layouts, Replicate) else None if etp else style.tp_mesh
-        shared = batch.size() if batch is not None else 1
-        mine = chunk_sizes(n, shared)[batch.get_local_rank()] if shared > 1 else n  # this rank's slice
-        self.emit("forward", "all_to_all", m._dtp_num_experts, path, axis="ep", dtype=torch.int64)
-        self.emit("forward", "all_to_all", mine * k * d, path, axis="ep")
-        self.emit("forward", "all_to_all", -1, path, axis="ep")
-        self.emit("backward", "all_to_all", mine * k * d, path, axis="ep")
-        self.emit("backward", "all_to_all", -1, path, axis="ep")
-        if etp:  # each expert's tp shares summed over the rows that arrived, and the rows' gradients
-            self.emit("forward", "all_reduce", -1, path)
-            self.emit("backward", "all_reduce", -1, path)
-        if shared > 1:
-            self.emit("forward", "all_gather", _padded(n, shared) * d, path)
-            self.emit("backward", "all_gather", _padded(n, shared) * d, path)
-            self.emit("backward", "all_gather", _padded(n, shared) * k, path)
-
-
-def _top_k(model: nn.Module, path: str, experts: nn.Module) -> int:
-    """Experts per token: the MoE block's top_k (its own, its router's or gate's), else the config's."""
-    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-    for owner in (parent, getattr(parent, "router", None), getattr(parent, "gate", None)):
-        if isinstance(getattr(owner, "top_k", None), int):
-            return owner.top_k
-    return experts.config.num_experts_per_tok
-
-
-def _width(experts: nn.Module) -> int:
-    """The experts' input width: their hidden_dim, else the last dim of their first stacked weight."""
-    return getattr(experts, "hidden_dim", None) or next(experts.parameters()).shape[-1]
 
 
 def _input_width(module: nn.Module) -> int:
