@@ -8,6 +8,7 @@ from dtp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmb
 from dtp.checkpoint.full import full_state_dict, load_full_state_dict, packed_layouts
 from dtp.checkpoint.sharded import CheckpointError, CheckpointMismatch, load_checkpoint, save_checkpoint
 from dtp.compose import clip_grad_norm_, fully_shard, parallelize_2d
+from dtp.compose_ep import fully_shard_experts
 from dtp.data_parallel import replicate_over
 from dtp.ops.loss import vocab_parallel_cross_entropy
 from dtp.mesh import default_mesh, init_mesh
@@ -34,7 +35,8 @@ __all__ = [
     "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts", "ExpertParallel",
     "ExpertTensorParallel",
     # 2-D composition and the reference verifier
-    "parallelize_2d", "fully_shard", "replicate_over", "clip_grad_norm_", "verify", "VerifyReport", "check_replicas",
+    "parallelize_2d", "fully_shard", "fully_shard_experts", "replicate_over", "clip_grad_norm_", "verify",
+    "VerifyReport", "check_replicas",
     "ReplicaMismatch",
     # checkpoints
     "full_state_dict", "load_full_state_dict", "save_checkpoint", "load_checkpoint", "CheckpointMismatch",

@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import dtp
-from dtp.compose_ep import fully_shard_experts
 
 from .moe_model import MoEModel, ep_plan, loss_fn
 from .reference import assert_close, expect_errors
@@ -104,7 +103,7 @@ def case_ep_fsdp():
     mesh = dtp.init_mesh(ep=2)
     dtp.parallelize_module(model, mesh["ep"], ep_plan(), replicate_rest=False)  # dense params stay FSDP2's
     for block in model.layers:
-        fully_shard_experts(block.moe.experts, mesh)
+        dtp.fully_shard_experts(block.moe.experts, mesh)
         dtp.fully_shard(block, mesh=mesh["dp"])
     dtp.fully_shard(model, mesh=mesh["dp"])
     rank = dist.get_rank()
