@@ -27,6 +27,7 @@ from dtp.testing import RankPool
 SHAPES = {  # model kwargs, tokens per rank (batch, seq)
     "layer": (dict(dim=128, hidden=256, num_experts=8, top_k=2), (4, 64)),
     "model": (dict(vocab=256, dim=128, heads=4, hidden=256, num_experts=8, top_k=2, layers=2), (4, 64)),
+    "layer-skewed": (dict(dim=128, hidden=256, num_experts=8, top_k=2), (4, 64)),  # every pair to rank 0's experts
 }
 
 
@@ -70,8 +71,9 @@ def _build(shape):
 
     kwargs, tokens = SHAPES[shape]
     torch.manual_seed(0)
-    if shape == "layer":
-        model = MoE(kwargs["dim"], kwargs["hidden"], kwargs["num_experts"], kwargs["top_k"])
+    if shape.startswith("layer"):
+        skew = (lambda index, experts: index % (experts // 2)) if shape == "layer-skewed" else None
+        model = MoE(kwargs["dim"], kwargs["hidden"], kwargs["num_experts"], kwargs["top_k"], route=skew)
         make_input = lambda n: torch.randn(n, tokens[1], kwargs["dim"])  # noqa: E731
         loss = lambda m, out: out.pow(2).mean() + 0.01 * m.aux_loss  # noqa: E731
     else:
@@ -115,7 +117,8 @@ def moe_rank(shape: str, rounds: int, steps: int) -> dict:
     single, make_input, loss_of, tokens = _build(shape)
     ours, hand = copy.deepcopy(single), copy.deepcopy(single)
     dtp.parallelize_module(ours, dtp.init_mesh(tp=world), {  # dense parameters stay plain, as in "hand"
-        ("experts" if shape == "layer" else "layers.*.moe.experts"): dtp.ExpertParallel()}, replicate_rest=False)
+        ("experts" if shape.startswith("layer") else "layers.*.moe.experts"): dtp.ExpertParallel()},
+        replicate_rest=False)
     for layer in _moe_layers(hand):
         layer.experts = HandExperts(layer.experts, dist.group.WORLD)
     torch.manual_seed(rank + 1)
@@ -178,7 +181,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_moe", description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=["layer", "model"], choices=list(SHAPES))
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=3)
