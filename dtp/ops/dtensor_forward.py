@@ -11,6 +11,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Shard
 
 from dtp.runtime.conversions import from_local, to_local
+from dtp.runtime.local_shards import is_guessed, plain_global_shape
+from dtp.runtime.sharding import contiguous_stride
+from dtp.runtime.traced import is_compiling
 
 __all__ = ["dtensor_forward", "as_local", "wrap_output", "is_last_dim"]
 
@@ -37,12 +40,19 @@ def is_last_dim(p: Placement, ndim: int) -> bool:
 
 
 def dtensor_forward(fn: Callable, x, mesh: DeviceMesh, input_layout: Placement, desired: Placement,
-                    output_layout: Placement | None, use_local_output: bool, global_shape=None):
-    """torch's TP semantics: x (declared input_layout if plain; of global_shape, or an even shard) redistributed to
-    `desired`, y = fn(x) on DTensors, y redistributed to output_layout; the collectives are DTensor's own."""
-    if not isinstance(x, DTensor):
-        x = (from_local(x, mesh, input_layout, global_shape) if global_shape is not None
-             else DTensor.from_local(x, mesh, [input_layout], run_check=False))
+                    output_layout: Placement | None, use_local_output: bool, global_shape=None,
+                    where: str = "a tensor-parallel layer"):
+    """torch's TP semantics: x (declared input_layout if plain; of global_shape, or of the sizes every rank holds)
+    redistributed to `desired`, y = fn(x) on DTensors, y redistributed to output_layout; DTensor's collectives."""
+    if isinstance(x, DTensor) and not is_compiling() and is_guessed(x):  # an SP output of a plain shard
+        input_layout, x = x.placements[0], to_local(x)
+    if not isinstance(x, DTensor):  # a plain Shard: its global shape asked of every rank (torch assumes even)
+        if global_shape is not None:
+            x = from_local(x, mesh, input_layout, global_shape)
+        else:
+            shape = plain_global_shape(x, mesh, input_layout, where)
+            x = DTensor.from_local(x, mesh, [input_layout], run_check=False, shape=shape,
+                                   stride=contiguous_stride(shape))
     if x.placements != (desired,):
         x = x.redistribute(mesh, [desired])
     y = fn(x)

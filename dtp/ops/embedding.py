@@ -12,6 +12,8 @@ from dtp.ops.dtensor_forward import dtensor_forward, wrap_output
 from dtp.runtime.mappings import gather_from, reduce_from, sequence_scatter
 from dtp.runtime.traced import traced_as
 from dtp.runtime.conversions import to_local
+from dtp.runtime.local_shards import plain_global_shape
+from dtp.runtime.sharding import contiguous_stride
 
 __all__ = ["vocab_parallel_embedding", "column_embedding", "check_ids", "replicated_ids"]
 
@@ -20,7 +22,9 @@ def replicated_ids(ids, mesh: DeviceMesh, declared: Placement, what: str) -> tor
     """The whole batch of token ids on every rank: a DTensor (or plain ids declared sharded) is all-gathered, as
     torch redistributes an embedding's input to Replicate."""
     if isinstance(ids, torch.Tensor) and not isinstance(ids, DTensor) and not isinstance(declared, Replicate):
-        ids = DTensor.from_local(ids, mesh, [declared], run_check=False)
+        shape = plain_global_shape(ids, mesh, declared, what)  # a plain shard's global shape, asked of every rank
+        ids = DTensor.from_local(ids, mesh, [declared], run_check=False, shape=shape,
+                                 stride=contiguous_stride(shape))
     return _replicated_ids(ids, what)
 
 

@@ -24,6 +24,7 @@ from dtp.ops.linear_autograd import ColumnLinearFn, RowLinearFn
 from dtp.runtime.apply import direct_apply
 from dtp.runtime.collectives import axis_of, chunk_sizes
 from dtp.runtime.conversions import partial_spec
+from dtp.runtime.local_shards import Speculation, is_guessed
 from dtp.runtime.traced import traced_as
 
 __all__ = ["ColumnForward", "RowForward", "column_linear", "row_linear"]
@@ -73,6 +74,7 @@ class ColumnForward:
         self.fast = (use_local_output and isinstance(self.input_layout, Replicate)
                      and (self.gather or self.output_layout == Shard(-1)))
         self._seen = (None, None)  # the last replicated input's spec and its Partial twin (dX's spec)
+        self._speculation = {}  # input dim -> the sizes a plain sequence shard had last (dtp.runtime.local_shards)
 
     @traced_as(lambda self, x, weight, bias: _traced_column(x, weight, bias, self.input_layout, self.output_layout,
                                                             self.use_local_output, self.name))
@@ -96,16 +98,21 @@ class ColumnForward:
                  and (self.gather or is_last_dim(out, ndim)) and (not isinstance(x, DTensor) or x.device_mesh.ndim == 1))
         if not fused:  # torch's semantics through DTensor
             return dtensor_forward(lambda t: F.linear(t, weight, bias), x, weight.device_mesh, declared, Replicate(),
-                                   out, self.use_local_output)
+                                   out, self.use_local_output, where=self.name)
         in_dim = in_sizes = None
         if isinstance(x, DTensor) and isinstance(declared, Replicate):
             in_dim = partial_spec(x._spec)  # read in place; dX comes back Partial for X's owner to reduce
         else:
+            guessed = is_guessed(x)
             x, placement, global_shape = as_local(x, self.name)
             if isinstance(placement if placement is not None else declared, Shard):  # sequence parallel
                 in_dim = declared.dim % x.dim()
-                whole = global_shape[in_dim] if global_shape is not None else x.shape[in_dim] * self.axis.size
-                in_sizes = chunk_sizes(whole, self.axis.size)
+                if global_shape is None or guessed:  # a plain shard: the sizes ride in the all-gather
+                    in_sizes = self._speculation.get(in_dim)
+                    if in_sizes is None:
+                        in_sizes = self._speculation[in_dim] = Speculation(self.name)
+                else:
+                    in_sizes = chunk_sizes(global_shape[in_dim], self.axis.size)
         y = ColumnLinearFn.apply(x, weight, bias, self.axis, in_dim, in_sizes, self.out_sizes)
         if self.use_local_output:
             return y
@@ -150,7 +157,7 @@ class RowForward:
             if isinstance(x, DTensor) and x.shape[-1] != self.in_features:
                 raise _width_error(self.name, x.shape[-1], self.in_features, self.in_features, "the full (global) input")
             return dtensor_forward(lambda t: F.linear(t, weight, bias), x, weight.device_mesh, declared,
-                                   Shard(ndim - 1), out, self.use_local_output)
+                                   Shard(ndim - 1), out, self.use_local_output, where=self.name)
         x, _, _ = as_local(x, self.name)
         split_input, axis = isinstance(declared, Replicate), self.axis
         expected = self.in_features if split_input else self.in_sizes[axis.rank]

@@ -22,6 +22,7 @@ from dtp.runtime.mappings import copy_to, gather_from, reduce_from, sequence_gat
 from dtp.runtime.collectives import all_gather, all_reduce, chunk_sizes, reduce_scatter
 from dtp.runtime.conversions import to_local
 from dtp.runtime.grads import grads_by_recompute, node_param_grads, partial_grad, reduced_next
+from dtp.runtime.local_shards import Speculation
 
 __all__ = ["ColumnLinearFn", "RowLinearFn", "column_reference", "row_reference"]
 
@@ -116,7 +117,10 @@ class ColumnLinearFn(torch.autograd.Function):
         if isinstance(in_dim, DTensorSpec):  # a replicated DTensor input: its local tensor, no to_local node
             defer_grads = reduced_next(x)  # dX goes straight to dtp's reduction: dW / db may ride along
             x = x._local_tensor
-        x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
+        if isinstance(in_sizes, Speculation):  # a plain sequence shard: every rank's length rides in the all-gather
+            x_full, in_sizes = in_sizes.gather(x, in_dim, axis)
+        else:
+            x_full = all_gather(x, in_dim, in_sizes, axis).wait() if isinstance(in_dim, int) else x
         x_full, w, b = _autocast(x_full, w, b)
         y = F.linear(x_full, w, b)
         ctx.save_for_backward(x_full, w)

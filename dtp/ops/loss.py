@@ -6,6 +6,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from dtp.runtime.local_shards import plain_global_shape
 from dtp.runtime.mappings import reduce_from
 from dtp.runtime.collectives import all_reduce, axis_of, chunk_offset, chunk_sizes
 from dtp.runtime.conversions import to_local
@@ -78,9 +79,9 @@ def vocab_parallel_cross_entropy(logits, target, *, device_mesh: DeviceMesh | No
                                  reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """F.cross_entropy(full_logits.flatten(0, -2), target.flatten()) from vocab-sharded logits (Shard(-1)); forward one all-reduce MAX and one SUM, backward none.
 
-    logits: a DTensor sharded on its last dim, or this rank's plain shard with `device_mesh` (and
-    `vocab_size` when the vocabulary does not split evenly).  target: the replicated class ids,
-    shape logits.shape[:-1].  Returns a plain tensor, like F.cross_entropy.
+    logits: a DTensor sharded on its last dim, or this rank's plain shard with `device_mesh` (the
+    vocabulary then is `vocab_size`, or the ranks' widths summed: one all-gather of 9 ints).  target: the
+    replicated class ids, shape logits.shape[:-1].  Returns a plain tensor, like F.cross_entropy.
     """
     if isinstance(logits, DTensor):
         if len(logits.placements) != 1 or not (isinstance(logits.placements[0], Shard)
@@ -91,7 +92,8 @@ def vocab_parallel_cross_entropy(logits, target, *, device_mesh: DeviceMesh | No
     else:
         mesh = tp_submesh(device_mesh, "vocab_parallel_cross_entropy")
         local = logits
-        vocab = vocab_size if vocab_size is not None else local.shape[-1] * mesh.size()
+        vocab = vocab_size if vocab_size is not None else plain_global_shape(  # every rank's width: uneven is exact
+            local, mesh, Shard(-1), "vocab_parallel_cross_entropy")[-1]
     axis = axis_of(mesh)
     if isinstance(target, DTensor):
         if not all(isinstance(p, Replicate) for p in target.placements):

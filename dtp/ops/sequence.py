@@ -17,14 +17,15 @@ from torch.distributed.tensor import DTensor, Partial, Shard
 from dtp.ops.dtensor_forward import wrap_output
 from dtp.ops.local_forward import local_parameters
 from dtp.runtime.traced import module_forward_on_dtensors, traced_as
-from dtp.runtime.conversions import to_local
+from dtp.runtime.conversions import from_local_spec, to_local
+from dtp.runtime.local_shards import guessed_spec, is_guessed
 
 __all__ = ["sequence_shard_of", "run_on_sequence_shard", "sequence_parallel_forward"]
 
 
 def sequence_shard_of(x, mesh: DeviceMesh, seq_dim: int, what: str):
-    """(this rank's sequence shard of x, x's global shape); a plain tensor is taken as an even shard, a DTensor in
-    another layout is redistributed (torch's semantics)."""
+    """(this rank's sequence shard of x, x's global shape); a DTensor in another layout is redistributed (torch's
+    semantics); a plain tensor is taken as an even shard, as torch does (a guess: see dtp.runtime.local_shards)."""
     if isinstance(x, DTensor):
         seq = seq_dim % x.dim()
         if x.placements != (Shard(seq),):  # any layout, as torch: Replicate keeps our slice, Partial reduce-scatters,
@@ -58,6 +59,7 @@ def sequence_parallel_forward(module: nn.Module, x, *args, **kwargs):
     """Forward of a module under SequenceParallel: local math on the sequence shard, no activation collective."""
     style = module._dtp_style
     mesh = module._dtp_mesh
+    guessed = not isinstance(x, DTensor) or is_guessed(x)  # the global length of a plain shard is torch's guess
     x_local, global_shape = sequence_shard_of(x, mesh, style.sequence_dim, f"SequenceParallel({module._dtp_path!r})")
     y = run_on_sequence_shard(module, x_local, args, kwargs)
     if style.use_local_output or not isinstance(y, torch.Tensor):
@@ -65,4 +67,6 @@ def sequence_parallel_forward(module: nn.Module, x, *args, **kwargs):
     seq = style.sequence_dim % y.dim()
     shape = list(y.shape)
     shape[seq] = global_shape[seq]
+    if guessed and mesh.size() > 1:  # marked: the dtp collective that reads it learns every rank's length
+        return from_local_spec(y, guessed_spec(mesh, Shard(seq), shape, y.dtype))
     return wrap_output(y, mesh, Shard(seq), shape)

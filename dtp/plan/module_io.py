@@ -1,8 +1,9 @@
 """PrepareModuleInput / PrepareModuleOutput / PrepareModuleInputOutput: declare the layouts of a module's inputs or
 outputs and redistribute them to the desired ones, with torch's semantics.
 
-A plain tensor is taken as this rank's local part of the declared layout (an even shard, as torch
-assumes); a DTensor is taken as it is, whatever it was declared, and redistributed from its actual
+A plain tensor is taken as this rank's local part of the declared layout (a Shard's global size learnt
+from every rank, dtp.runtime.local_shards: torch.chunk's uneven splits are exact, where torch assumes an
+even one); a DTensor is taken as it is, whatever it was declared, and redistributed from its actual
 layout to the desired one (a batch-sharded input is all-gathered, a Partial one reduced, ...).
 """
 
@@ -14,6 +15,7 @@ from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Sha
 from dtp.runtime.mappings import sequence_scatter, split_to
 from dtp.runtime.collectives import all_gather, axis_of, chunk_offset, chunk_sizes, reduce_scatter
 from dtp.runtime.grads import reducing_node, run_deferred
+from dtp.runtime.local_shards import Speculation, is_guessed, plain_global_shape, speculation
 from dtp.runtime.sharding import same_placement
 from dtp.plan.style import ParallelStyle
 from dtp.runtime.traced import traced_as
@@ -37,8 +39,15 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local, dim, sizes, axis, spec):
+        if isinstance(sizes, Speculation):  # a plain shard's: the sizes ride in the all-gather
+            gathered, sizes = sizes.gather(local, dim, axis)
+            shape = list(local.shape)
+            shape[dim] = sum(sizes)
+            spec = spec_of(axis.mesh, Replicate(), shape, local.dtype)
+        else:
+            gathered = all_gather(local, dim, sizes, axis).wait()
         ctx.layout = (dim, sizes, axis)
-        return DTensor.__new__(DTensor, all_gather(local, dim, sizes, axis).wait(), spec, requires_grad=False)
+        return DTensor.__new__(DTensor, gathered, spec, requires_grad=False)
 
     @staticmethod
     def backward(ctx, g):
@@ -60,13 +69,13 @@ class _GatherSequence(torch.autograd.Function):
         return g.narrow(dim, chunk_offset(total, axis.size, axis.rank), sizes[axis.rank]), None, None, None, None
 
 
-def _gather_sequence(value, mesh, dim: int):
+def _gather_sequence(value, mesh, dim: int, where: str):
     """The fused Shard(dim) -> Replicate of sequence parallelism (plain local shard or DTensor)."""
-    if isinstance(value, DTensor):
-        local, total = to_local(value), value.shape[dim]
-    else:
-        local, total = value, value.shape[dim] * mesh.size()  # a plain shard is an even one, as torch assumes
+    local = to_local(value) if isinstance(value, DTensor) else value
     axis = axis_of(mesh)
+    if not isinstance(value, DTensor) or is_guessed(value):  # every rank's length, not torch's even guess
+        return _GatherSequence.apply(local, dim, speculation(where, dim), axis, None)
+    total = value.shape[dim]
     shape = list(local.shape)
     shape[dim] = total
     return _GatherSequence.apply(local, dim, chunk_sizes(total, axis.size), axis, spec_of(mesh, Replicate(), shape,
@@ -74,16 +83,15 @@ def _gather_sequence(value, mesh, dim: int):
 
 
 def _prepare_general(value, mesh, declared: Placement | None, desired: Placement | None, use_local: bool, where: str):
-    """prepare_value through DTensor's redistribute (also its traced form)."""
+    """prepare_value through DTensor's redistribute (also its traced form: a plain shard is taken as an even one)."""
     if declared is None:
         return value
     if isinstance(value, DTensor):
         dt = value
     elif isinstance(value, torch.Tensor):
-        shape = list(value.shape)
-        if isinstance(declared, Shard):  # a plain local shard is taken as an even one, as torch does
-            shape[declared.dim % value.dim()] *= mesh.size()
-        dt = from_local(value, mesh, declared, shape)
+        if use_local and (desired is None or same_placement(declared, desired, value.dim())):
+            return value  # stays this rank's local tensor: no global shape needed
+        dt = from_local(value, mesh, declared, plain_global_shape(value, mesh, declared, where))
     else:
         raise TypeError(f"{where}: a layout {declared} is declared for an input that is a {type(value).__name__}")
     if desired is not None and not same_placement(dt.placements[-1], desired, dt.dim()):
@@ -97,8 +105,10 @@ def prepare_value(value, mesh, declared: Placement | None, desired: Placement | 
     if declared is not None and isinstance(value, torch.Tensor) and mesh.ndim == 1 and isinstance(desired, Replicate):
         actual = value.placements[-1] if isinstance(value, DTensor) and value.device_mesh.ndim == 1 else declared
         if isinstance(actual, Shard) and (not isinstance(value, DTensor) or value.device_mesh == mesh):
-            dt = _gather_sequence(value, mesh, actual.dim % value.dim())  # SP's fused Shard -> Replicate
+            dt = _gather_sequence(value, mesh, actual.dim % value.dim(), where)  # SP's fused Shard -> Replicate
             return to_local(dt) if use_local else dt
+    if isinstance(value, DTensor) and declared is not None and is_guessed(value):  # ask every rank its length
+        declared, value = value.placements[0], to_local(value)
     return _prepare_general(value, mesh, declared, desired, use_local, where)
 
 

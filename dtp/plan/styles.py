@@ -204,7 +204,8 @@ def _subclass_forward(self, x, *args, **kwargs):
     if isinstance(needed, Shard) and isinstance(x, torch.Tensor):
         needed = Shard(needed.dim % x.dim())
     return dtensor_forward(lambda t: type(self).forward(self, t, *args, **kwargs), x, self._dtp_mesh, declared, needed,
-                           out, self._dtp_style.use_local_output)
+                           out, self._dtp_style.use_local_output,
+                           where=f"{type(self._dtp_style).__name__}({self._dtp_path!r})")
 
 
 def _colwise_embedding_forward(self, ids):

@@ -21,7 +21,7 @@ from dtp.runtime.grads import hand_over, param_grad, reducing_node, run_deferred
 from dtp.runtime.sharding import contiguous_stride
 from dtp.runtime.traced import replicated_grad_local, traced_as
 
-__all__ = ["to_local", "to_locals", "from_local", "replicated_local", "spec_of", "partial_spec"]
+__all__ = ["to_local", "to_locals", "from_local", "from_local_spec", "replicated_local", "spec_of", "partial_spec"]
 
 
 _PARTIAL, _REPLICATE = (Partial(),), (Replicate(),)
@@ -165,6 +165,11 @@ def from_local(local: torch.Tensor, mesh: DeviceMesh, placement: Placement, glob
     """A DTensor over this rank's local tensor (no communication); backward returns the local gradient, reducing
     a Partial one to the Replicate placement declared here (one all-reduce)."""
     return _from_local(local, spec_of(mesh, placement, global_shape, local.dtype), axis_of(mesh))
+
+
+def from_local_spec(local: torch.Tensor, spec: DTensorSpec) -> DTensor:
+    """from_local with a spec made elsewhere (eager only): a DTensor over this rank's local tensor."""
+    return _from_local(local, spec, axis_of(spec.mesh))
 
 
 @traced_as(lambda param, mesh: replicated_grad_local(param))
