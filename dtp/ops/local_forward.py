@@ -51,7 +51,8 @@ def _has_dtensor(values) -> bool:
 
 def _traced_local_forward(module: nn.Module, args, kwargs, read_local=to_local):
     if read_local is to_local and not _has_dtensor(args) and not (kwargs and _has_dtensor(kwargs.values())):
-        mesh = next(p.device_mesh for p in module._parameters.values() if isinstance(p, DTensor))
+        mesh = next(p.device_mesh for owner in module.__dict__.get("_dtp_reads", (module,))
+                    for p in owner._parameters.values() if isinstance(p, DTensor))
         return module_forward_on_dtensors(module, mesh, args, kwargs)  # on replicated DTensors (no collective)
     return local_forward.eager(module, args, kwargs, read_local)
 

@@ -83,7 +83,12 @@ def replicate_remaining_(model: nn.Module, mesh: DeviceMesh) -> None:
               and id(parents.get(id(module))) in holders and any(True for _ in module.parameters())):
             # the root of a part no style reaches, called from one that some do
             module.forward = MethodType(replicated_forward, module)  # its submodules' turn comes next (pre-order)
-        if getattr(vars(module).get("forward"), "__func__", None) is replicated_forward:  # again after each call
+        installed = getattr(vars(module).get("forward"), "__func__", None) is replicated_forward
+        if installed and id(module) in holders and not any(p is not None for p in module._parameters.values()):
+            del module.forward  # a part root an earlier call saw, whose part a later call split (torchtitan's order)
+            vars(module).pop("_dtp_reads", None)
+            continue
+        if installed:  # again after each call
             owners = unsplit_subtree(module)
             if len(owners) > 1:
                 module._dtp_reads = owners
