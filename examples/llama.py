@@ -146,7 +146,7 @@ def apply_tp(model: Llama, tp_mesh, *, loss_parallel: bool, enable_sp: bool, sty
     loss_parallel the logits stay a DTensor sharded over the vocab (Shard(-1)) for `loss_fn`.
 
     With enable_sp (torchtitan's only mode) the residual stream between blocks is sharded on the sequence
-    (Shard(1), a plain local tensor), the norms run on sequence shards, and seq must be divisible by tp.
+    (Shard(1), a plain local tensor), the norms run on sequence shards, and any seq works under dtp (torch needs seq divisible by tp).
     Deviations: torchtitan has no switch for SP; enable_sp=False turns every Shard(1) into Replicate() and
     drops the SequenceParallel entries (Megatron TP without SP). Its attention PrepareModuleInput has four
     entries (x, freqs_cis, attention_masks, positions); here two, (x, freqs_cis), freqs_cis a plain tensor.
