@@ -22,12 +22,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from dtp.plan.hf_plans import hf_style
 from dtp.plan.lora_styles import has_class, is_adapter_layer, join, lora_entries
 from dtp.plan.module_io import PrepareModuleInput, PrepareModuleInputOutput, PrepareModuleOutput
 from dtp.plan.moe_styles import MlaKvAProjParallel, MoeIdentityParallel
-from dtp.plan.style import ParallelStyle
-from dtp.plan.torch_styles import from_torch_style, is_torch_style
+from dtp.plan.plan_values import style_of
 
 __all__ = ["plan_for_adapters", "bare_model_prefix"]
 
@@ -64,13 +62,7 @@ def _prefixed(key: str, prefix: str, names: list) -> str:
 
 def _style(value, where: str):
     """The dtp style a plan value stands for, or None for a value explain_plan will refuse itself."""
-    if isinstance(value, ParallelStyle):
-        return value
-    if isinstance(value, str):
-        return hf_style(value, where)
-    if is_torch_style(value):
-        return from_torch_style(value, where)
-    return None
+    return style_of(value, where)
 
 
 def _is_saved_copies(module: nn.Module) -> bool:

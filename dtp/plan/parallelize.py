@@ -21,8 +21,9 @@ from torch.distributed.tensor import DTensor
 
 from dtp.plan.adapters import plan_for_adapters
 from dtp.plan.heads import HEAD_ATTRIBUTES, check_whole_heads
+from dtp.plan.plan_values import style_of
 from dtp.plan.mistakes import check_head_indexed_rowwise, watch_uncovered_parameters
-from dtp.plan.hf_plans import ShardParameter, hf_parameter_placement, hf_style
+from dtp.plan.hf_plans import ShardParameter, hf_parameter_placement
 from dtp.plan.moe_styles import MlaKvAProjParallel
 from dtp.mesh import tp_submesh
 from dtp.runtime.sharding import broadcast_from
@@ -30,7 +31,7 @@ from dtp.replica_check import check_replicas
 from dtp.plan.replicated import replicate_remaining_
 from dtp.plan.style import ParallelStyle
 from dtp.plan.styles import ColwiseParallel, RowwiseParallel
-from dtp.plan.torch_styles import TorchStyle, from_torch_style, is_torch_style
+from dtp.plan.torch_styles import TorchStyle, is_torch_style
 
 __all__ = ["parallelize_module", "explain_plan", "applied_styles"]
 
@@ -43,12 +44,9 @@ def _matches(pattern: str, path: str) -> bool:
 
 
 def _as_style(value, where: str) -> ParallelStyle:
-    if isinstance(value, ParallelStyle):
-        return value
-    if isinstance(value, str):
-        return hf_style(value, where)
-    if is_torch_style(value):
-        return from_torch_style(value, where)
+    style = style_of(value, where)
+    if style is not None:
+        return style
     raise TypeError(f"{where}: expected a dtp style (dtp.ColwiseParallel(), ...), a torch.distributed.tensor.parallel "
                     f"style or a Hugging Face plan string, got {type(value).__module__}.{type(value).__name__}")
 
