@@ -15,6 +15,7 @@ PASS = [  # (model type, tp, why it is here)
     ("lfm3", 2, "hybrid: short convolutions in decoder layers no entry reaches"),
     ("longcat_flash", 2, "a router calling F.linear on its child's weight"),
     ("qwen3_5_text", 4, "hybrid at tp 4"),
+    ("laguna", 2, "a per-head gate (g_proj: one output per head, split by heads)"),
 ]
 AT_FAULT = [
     ("apertus", "module 'model.layers.0.mlp.act_fn' .*alpha_p.*column-parallel"),

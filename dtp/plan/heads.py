@@ -27,7 +27,7 @@ def check_whole_heads(attention: nn.Module, attention_path: str, features: int, 
     head_dim = getattr(attention, "head_dim", None)
     shares = chunk_sizes(features, tp)
     described = ", ".join(f"{k}={v}" for k, v in counts.items())
-    if features in counts.values():
+    if features in counts.values() and not (_int(head_dim) and features in {n * head_dim for n in counts.values()}):
         return  # one value per head (a per-head gate, as Laguna's g_proj): each rank keeps its heads' values
     if _int(head_dim):
         if features % head_dim:
