@@ -88,3 +88,13 @@ def expect_errors(cases):
         assert all(n in str(info.value) for n in needles), (needles, str(info.value))
         messages.append(str(info.value))
     return messages
+
+
+def compare_causal_lm_step(model, single, ids, step):
+    """A Hugging Face causal LM and its single-process twin on ids (labels = ids): logits and loss equal, then both
+    backward."""
+    out, ref = model(input_ids=ids, labels=ids), single(input_ids=ids, labels=ids)
+    assert_close(out.logits, ref.logits, f"step {step} logits")
+    assert_close(out.loss, ref.loss, f"step {step} loss")
+    out.loss.backward()
+    ref.loss.backward()

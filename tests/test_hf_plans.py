@@ -13,7 +13,7 @@ import dtp
 from dtp.plan.hf_plans import HF_STYLES, hf_parameter_placement
 from dtp.plan.moe_styles import MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
 
-from .reference import assert_close
+from .reference import assert_close, compare_causal_lm_step
 
 
 def full(t):
@@ -189,11 +189,7 @@ def case_transformers_moe(kind):
     ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-6) for m in (model, single)]
     for step in range(3):
-        out, ref = model(input_ids=ids, labels=ids), single(input_ids=ids, labels=ids)
-        assert_close(out.logits, ref.logits, f"step {step} logits")
-        assert_close(out.loss, ref.loss, f"step {step} loss")
-        out.loss.backward()
-        ref.loss.backward()
+        compare_causal_lm_step(model, single, ids, step)
         for (name, p), r in zip(model.named_parameters(), single.parameters()):
             grad = packed[name].unpack(full(p.grad)) if name in packed else full(p.grad)  # the original layout
             assert_close(grad, r.grad, f"step {step} grad of {name}", scale=3.0)

@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import dtp
 
-from .reference import assert_close
+from .reference import assert_close, compare_causal_lm_step
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -62,11 +62,7 @@ def case_lora_equals_single_process(kind):
     refs = [p for p in single.parameters() if p.requires_grad]
     optimizers = [torch.optim.AdamW(ps, lr=1e-2, eps=1e-6) for ps in ([p for _, p in trainable], refs)]
     for step in range(3):
-        out, ref = model(input_ids=ids, labels=ids), single(input_ids=ids, labels=ids)
-        assert_close(out.logits, ref.logits, f"step {step} logits")
-        assert_close(out.loss, ref.loss, f"step {step} loss")
-        out.loss.backward()
-        ref.loss.backward()
+        compare_causal_lm_step(model, single, ids, step)
         for (name, p), r in zip(trainable, refs):
             assert_close(full(p.grad), r.grad, f"step {step} grad of {name}", scale=3.0)
         assert all(p.grad is None for p in params.values() if not p.requires_grad)
