@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import select
 import sys
 import threading
 import time
@@ -49,10 +50,33 @@ def under_torchrun() -> bool:
 
 
 def exit_when_orphaned(parent_pid: int) -> None:
-    """Start a daemon thread that ends this process as soon as its parent is gone (even mid-collective)."""
+    """Start a daemon thread that ends this process as soon as process parent_pid is gone (even mid-collective).
+
+    parent_pid need not be the OS parent (a forkserver's child watches the pool's owner): a pidfd where Linux has
+    one (no pid-reuse race), else polling that it lives and that this process was not reparented."""
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        pidfd = None
+    ppid = os.getppid()
+
+    def alive() -> bool:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return os.getppid() == ppid
+
     def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(_PARENT_POLL_S)
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the process has exited
+        else:
+            while alive():
+                time.sleep(_PARENT_POLL_S)
         os._exit(1)
 
     threading.Thread(target=watch, name="dtp-parent-watch", daemon=True).start()

@@ -1,10 +1,13 @@
 """Run a function on N ranks with real process groups, reusing the worker processes.
 
 A fresh spawn of gloo ranks costs ~6 s (torch import plus rendezvous); a `RankPool` pays it
-once and then runs each case in well under a second.  Each worker has one thread, a default
-process group (gloo on CPU, NCCL when every rank has its own GPU), and a per-case timeout.
-When a rank raises, the failure carries that rank's traceback; ranks left waiting in a
-collective are killed and the pool restarts on its next use, so nothing hangs.
+once and then runs each case in well under a second.  On a machine without CUDA the workers fork
+from multiprocessing's forkserver, which imported torch and dtp once, so a pool that restarts
+after a failure, or a second pool, starts in a fraction of a second (spawn elsewhere: CUDA wants
+a clean process).  Each worker has one thread, a default process group (gloo on CPU, NCCL when
+every rank has its own GPU), and a per-case timeout.  When a rank raises, the failure carries
+that rank's traceback; ranks left waiting in a collective are killed and the pool restarts on
+its next use, so nothing hangs.
 
 Ctrl-C is the parent's alone: workers ignore SIGINT (a terminal sends it to the whole process
 group), the parent kills them at once when interrupted while it waits on them, and a worker
@@ -30,19 +33,42 @@ import torch.distributed as dist
 
 from dtp.launch import exit_when_orphaned, pick_backend, run_under_torchrun
 
-__all__ = ["RankPool", "RankError", "run_on_ranks", "run_under_torchrun", "pick_backend"]
+__all__ = ["RankPool", "RankError", "run_on_ranks", "run_under_torchrun", "pick_backend", "preload_in_workers"]
 
 
 class RankError(RuntimeError):
     """One or more ranks raised, timed out or died; the message holds each rank's story."""
 
 
-def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results, parent_pid):
+# What the forkserver imports once, before forking any worker: dtp (so torch and DTensor) and dynamo, which DTensor's
+# first sharding propagation imports (its fake tensors).  Read when the server starts, at this process's first pool.
+FORKSERVER_PRELOAD = ["dtp.testing", "torch._dynamo"]
+
+
+def preload_in_workers(*modules: str) -> None:
+    """Have every worker this process starts fork with `modules` already imported (call before the first pool)."""
+    FORKSERVER_PRELOAD.extend(m for m in modules if m not in FORKSERVER_PRELOAD)
+
+
+def worker_context():
+    """The multiprocessing context workers start from: the forkserver, preloaded, where the platform has one and
+    there is no CUDA; else spawn (each worker imports torch itself: a process that forks must never have met CUDA,
+    and an import may probe it)."""
+    if torch.cuda.is_available() or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results, owner_pid, environ):
     # Only the parent decides on Ctrl-C: a task must not turn it into an "err" reply and carry on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent while spawning
-    exit_when_orphaned(parent_pid)
+    exit_when_orphaned(owner_pid)  # the pool's owner, whose child this is under spawn, its forkserver's under fork
+    os.environ.clear()  # the owner's environment now, not the forkserver's at its start
+    os.environ.update(environ)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -97,7 +123,7 @@ class RankPool:
         self.backend = backend or pick_backend(world_size)
         self.timeout = timeout
         self.pg_timeout = pg_timeout
-        self._ctx = mp.get_context("spawn")
+        self._ctx = worker_context()
         self._procs: list = []
         self._tasks: list = []
         self._ready = False
@@ -121,7 +147,7 @@ class RankPool:
                     p = self._ctx.Process(
                         target=_worker,
                         args=(rank, self.world_size, self._init_file, self.backend, self.pg_timeout,
-                              self._tasks[rank], self._results, os.getpid()),
+                              self._tasks[rank], self._results, os.getpid(), dict(os.environ)),
                         daemon=True,
                     )
                     p.start()

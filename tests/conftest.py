@@ -2,7 +2,10 @@
 
 import pytest
 
-from dtp.testing import RankPool
+from dtp.testing import RankPool, preload_in_workers
+
+# The workers fork from a server that imported these once (a missing one is skipped): ~2 s less per worker started.
+preload_in_workers("transformers.modeling_utils", "peft", "hypothesis")
 
 WORLD_SIZES = (1, 2, 3, 4)
 # A case that hangs still ends, but a slow one on a busy runner (an inductor compile at load 30) never fails: 10

@@ -91,19 +91,56 @@ def test_a_failing_rank_ends_all_ranks_within_ten_seconds(where):
     assert "ranks [0] were stopped: they waited in a collective for rank(s) [1]" in str(info.value)
 
 
-@pytest.mark.parametrize("where", ["forward", "backward"])
-def test_under_torchrun_a_failing_rank_ends_the_job(where):
-    """dtp.testing.run_under_torchrun: the failing rank exits at once and torchrun ends the rest (not the PG timeout)."""
+@pytest.fixture(scope="module")
+def failing_torchrun_jobs():
+    """Both torchrun jobs (a rank fails mid-forward / mid-backward), started at once: their startups overlap."""
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(root, "tests", "torchrun_failing_rank.py"), where],
-                          capture_output=True, text=True, timeout=allowed(120), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    jobs = {where: (time.perf_counter(), subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(root, "tests", "torchrun_failing_rank.py"), where], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})) for where in ("forward", "backward")}
+    yield jobs
+    for _, proc in jobs.values():
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_under_torchrun_a_failing_rank_ends_the_job(failing_torchrun_jobs, where):
+    """dtp.testing.run_under_torchrun: the failing rank exits at once and torchrun ends the rest (not the PG timeout)."""
+    import subprocess
+
+    start, proc = failing_torchrun_jobs[where]
+    try:
+        stdout, stderr = proc.communicate(timeout=allowed(120))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun still running {allowed(120):.0f} s after it started")
     elapsed = time.perf_counter() - start
-    assert done.returncode != 0 and f"rank 1 fails mid-{where}" in done.stderr, done.stderr[-2000:]
-    assert "rank finished" not in done.stdout, "a rank went on after its peer failed"
+    assert proc.returncode != 0 and f"rank 1 fails mid-{where}" in stderr, stderr[-2000:]
+    assert "rank finished" not in stdout, "a rank went on after its peer failed"
     assert elapsed < allowed(40), f"torchrun took {elapsed:.1f} s (process start included) to end after a rank failed"
+
+
+def case_environment_and_parent(name):
+    import os
+
+    return os.environ.get(name), os.getppid()
+
+
+def test_workers_see_the_owners_environment_when_the_pool_starts(monkeypatch):
+    """Forked from a forkserver started earlier, a worker still sees the owner's environment as it is now."""
+    import os
+
+    from dtp.testing import worker_context
+
+    for value in ("first", "second"):  # the second pool forks from the server the first one started
+        monkeypatch.setenv("DTP_TEST_VALUE", value)
+        with RankPool(2) as pool:
+            results = pool.run(case_environment_and_parent, "DTP_TEST_VALUE")
+        assert [r[0] for r in results] == [value, value]
+        forked = worker_context().get_start_method() == "forkserver"
+        assert all((r[1] != os.getpid()) == forked for r in results), (results, os.getpid())

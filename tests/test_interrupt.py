@@ -84,13 +84,18 @@ def _survivors(procs, wait_s=3.0):
         time.sleep(0.1)
 
 
-def _start(cmd, tmp_path, n_markers):
-    """Start cmd in a new session; return it, its log and the worker pids once n_markers ranks are blocked."""
+def _launch(cmd, tmp_path):
+    """Start cmd in a new session, with a fresh marker directory for its ranks; return (proc, log, markers)."""
     markers = tmp_path / "markers"
     markers.mkdir()
     log = open(tmp_path / "log.txt", "w+")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "DTP_TEST_MARKERS": str(markers)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log, markers
+
+
+def _wait_blocked(proc, log, markers, n_markers=2):
+    """The worker pids once n_markers ranks of the launched cmd are blocked."""
     start, bound, checked = time.monotonic(), allowed(STARTUP_S), time.monotonic()
     while len([f for f in os.listdir(markers) if f.endswith(".pid")]) < n_markers:
         if time.monotonic() - checked > 2:  # the ranks it starts load the machine too: measure again as they come up
@@ -105,6 +110,26 @@ def _start(cmd, tmp_path, n_markers):
     time.sleep(0.5)  # let the ranks get into their recv
     pids = [int((markers / f).read_text()) for f in os.listdir(markers) if f.endswith(".pid")]
     return proc, log, pids
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """Every script of this module, started at once (their startups overlap; blocked ranks use no CPU)."""
+    runs = {}
+    for name in ("pool", "run_on_ranks", "pytest", "parent killed"):
+        tmp_path = tmp_path_factory.mktemp(name.replace(" ", "_"))
+        if name == "pytest":
+            (tmp_path / "test_blocked.py").write_text(TEST_FILE)
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                   "--rootdir", str(tmp_path), str(tmp_path / "test_blocked.py")]
+        else:
+            (tmp_path / "script.py").write_text(SCRIPT)
+            cmd = [sys.executable, str(tmp_path / "script.py"), "run_on_ranks" if name == "run_on_ranks" else "pool"]
+        runs[name] = _launch(cmd, tmp_path)
+    yield runs
+    for proc, log, _ in runs.values():
+        _kill_group(proc)
+        log.close()
 
 
 def _kill_group(proc):
@@ -141,34 +166,26 @@ def _interrupt_and_check(proc, log, pids):
     return output
 
 
-def test_ctrl_c_stops_a_rank_pool_at_once(tmp_path):
+def test_ctrl_c_stops_a_rank_pool_at_once(started):
     """`with RankPool(2) as pool: pool.run(...)` with both ranks stuck in a recv: one SIGINT ends it all."""
-    (tmp_path / "script.py").write_text(SCRIPT)
-    proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "pool"], tmp_path, 2)
-    _interrupt_and_check(proc, log, pids)
+    _interrupt_and_check(*_wait_blocked(*started["pool"]))
 
 
-def test_ctrl_c_stops_run_on_ranks_at_once(tmp_path):
+def test_ctrl_c_stops_run_on_ranks_at_once(started):
     """The launcher, run_on_ranks, with both ranks stuck in a recv: one SIGINT ends it all."""
-    (tmp_path / "script.py").write_text(SCRIPT)
-    proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "run_on_ranks"], tmp_path, 2)
-    _interrupt_and_check(proc, log, pids)
+    _interrupt_and_check(*_wait_blocked(*started["run_on_ranks"]))
 
 
-def test_ctrl_c_stops_pytest_with_the_session_pools(tmp_path):
+def test_ctrl_c_stops_pytest_with_the_session_pools(started):
     """The suite's own conftest (all session pools) under a pytest run interrupted mid-test."""
-    (tmp_path / "test_blocked.py").write_text(TEST_FILE)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
-           "--rootdir", str(tmp_path), str(tmp_path / "test_blocked.py")]
-    proc, log, pids = _start(cmd, tmp_path, 2)
+    proc, log, pids = _wait_blocked(*started["pytest"])
     output = _interrupt_and_check(proc, log, pids)
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, output
 
 
-def test_workers_exit_when_their_parent_is_killed(tmp_path):
+def test_workers_exit_when_their_parent_is_killed(started):
     """SIGKILL to the parent alone (no cleanup can run there): the ranks notice and exit by themselves."""
-    (tmp_path / "script.py").write_text(SCRIPT)
-    proc, log, pids = _start([sys.executable, str(tmp_path / "script.py"), "pool"], tmp_path, 2)
+    proc, log, pids = _wait_blocked(*started["parent killed"])
     workers = {pid: st[2] for pid in pids if (st := _stat(pid))}
     try:
         assert len(workers) == 2, f"workers {pids} not running"
@@ -178,4 +195,3 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
         assert not left, f"workers {left} outlived their killed parent by {EXIT_S} s"
     finally:
         _kill_group(proc)
-        log.close()
