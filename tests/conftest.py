@@ -48,3 +48,21 @@ def pools():
         yield p
     finally:  # pytest tears session fixtures down on Ctrl-C too; this also covers a generator closed early
         p.close()
+
+
+def pytest_collection_finish(session):
+    """test_launch's torchrun jobs (real processes, ~80 s of CPU) start now if it will run: they overlap with the
+    tests before it instead of running alone."""
+    if any(getattr(item, "module", None) is not None and item.module.__name__ == "tests.test_launch"
+           for item in session.items):
+        from tests import test_launch
+
+        test_launch.start_jobs()
+
+
+def pytest_sessionfinish(session):
+    """No torchrun job outlives the session (they run in sessions of their own, which a Ctrl-C does not reach)."""
+    import sys
+
+    if "tests.test_launch" in sys.modules:
+        sys.modules["tests.test_launch"].kill_jobs()

@@ -224,9 +224,12 @@ def case_gradgradcheck(kind):
         column.double(), row.double()
     else:
         model.double()
-    torch.manual_seed(1)  # gradgradcheck's random output gradients: the same on every rank
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    torch.manual_seed(1)  # gradgradcheck's random output gradients (and fast mode's vectors): the same on every rank
+    # At 4 ranks the fast mode: the same Jacobians checked through random projections u^T J v, which any wrong
+    # entry changes (the full check there is 65 perturbed inputs x 4 ranks: 12 s of the suite for no other path).
+    fast = world > 2
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast)
     return True
 
 

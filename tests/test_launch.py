@@ -109,18 +109,32 @@ def two_node_args(kind: str, port: int, node: int) -> list:
             "--master_port", str(port), "tests/torchrun_nodes.py", "mesh"]
 
 
-@pytest.fixture(scope="module")
-def jobs():
-    """Every torchrun job of this module, started together (they overlap on the cores), killed at the end."""
-    started = {name: Job(args, env) for name, (args, env, _, _) in EXAMPLES.items()}
-    for kind in ("c10d", "master_addr"):
-        port = free_port()
-        started[kind] = [Job(two_node_args(kind, port, node), GLOO) for node in (0, 1)]
-    started["hang"] = Job(["--standalone", "--nproc_per_node", "1", "tests/torchrun_nodes.py", "hang"])
-    yield started
-    for job in started.values():
+_STARTED: dict = {}  # name -> Job (or [Job, Job] for two nodes), once started
+
+
+def start_jobs() -> dict:
+    """Every torchrun job of this module, started together (they overlap on the cores).  The conftest calls this as
+    the session begins when this module is selected, so the jobs also overlap with the tests before it."""
+    if not _STARTED:
+        _STARTED.update({name: Job(args, env) for name, (args, env, _, _) in EXAMPLES.items()})
+        for kind in ("c10d", "master_addr"):
+            port = free_port()
+            _STARTED[kind] = [Job(two_node_args(kind, port, node), GLOO) for node in (0, 1)]
+        _STARTED["hang"] = Job(["--standalone", "--nproc_per_node", "1", "tests/torchrun_nodes.py", "hang"])
+    return _STARTED
+
+
+def kill_jobs() -> None:
+    """Kill every job start_jobs started, with its ranks."""
+    for job in _STARTED.values():
         for j in job if isinstance(job, list) else [job]:
             j.kill()
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    yield start_jobs()
+    kill_jobs()
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))
