@@ -53,8 +53,7 @@ def pools():
 def pytest_collection_finish(session):
     """test_launch's torchrun jobs (real processes, ~80 s of CPU) start now if it will run: they overlap with the
     tests before it instead of running alone."""
-    if any(getattr(item, "module", None) is not None and item.module.__name__ == "tests.test_launch"
-           for item in session.items):
+    if any(item.nodeid.startswith("tests/test_launch.py::") for item in session.items):
         from tests import test_launch
 
         test_launch.start_jobs()

@@ -94,33 +94,23 @@ def test_a_failing_rank_ends_all_ranks_within_ten_seconds(where):
 @pytest.fixture(scope="module")
 def failing_torchrun_jobs():
     """Both torchrun jobs (a rank fails mid-forward / mid-backward), started at once: their startups overlap."""
-    import os
-    import subprocess
-    import sys
+    from tests.test_launch import Job
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    jobs = {where: (time.perf_counter(), subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(root, "tests", "torchrun_failing_rank.py"), where], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})) for where in ("forward", "backward")}
+    jobs = {where: (time.perf_counter(), Job(["--standalone", "--nproc_per_node", "2",
+                                              "tests/torchrun_failing_rank.py", where]))
+            for where in ("forward", "backward")}
     yield jobs
-    for _, proc in jobs.values():
-        proc.kill()
-        proc.wait()
+    for _, job in jobs.values():
+        job.kill()
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_under_torchrun_a_failing_rank_ends_the_job(failing_torchrun_jobs, where):
     """dtp.testing.run_under_torchrun: the failing rank exits at once and torchrun ends the rest (not the PG timeout)."""
-    import subprocess
-
-    start, proc = failing_torchrun_jobs[where]
-    try:
-        stdout, stderr = proc.communicate(timeout=allowed(120))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"torchrun still running {allowed(120):.0f} s after it started")
+    start, job = failing_torchrun_jobs[where]
+    code, stdout, stderr = job.wait(timeout=allowed(120))
     elapsed = time.perf_counter() - start
-    assert proc.returncode != 0 and f"rank 1 fails mid-{where}" in stderr, stderr[-2000:]
+    assert code != 0 and f"rank 1 fails mid-{where}" in stderr, stderr[-2000:]
     assert "rank finished" not in stdout, "a rank went on after its peer failed"
     assert elapsed < allowed(40), f"torchrun took {elapsed:.1f} s (process start included) to end after a rank failed"
 
