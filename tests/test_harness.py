@@ -134,3 +134,27 @@ def test_workers_see_the_owners_environment_when_the_pool_starts(monkeypatch):
         assert [r[0] for r in results] == [value, value]
         forked = worker_context().get_start_method() == "forkserver"
         assert all((r[1] != os.getpid()) == forked for r in results), (results, os.getpid())
+
+
+def case_rank_one_aborts():
+    """Rank 1 writes a line to its stderr (fd 2, as C++ does) and aborts like a std::terminate in a gloo thread."""
+    import os
+
+    os.write(2, f"rank {dist.get_rank()} says hello on fd 2\n".encode())
+    if dist.get_rank() == 1:
+        os.write(2, b"terminate called after throwing an instance of 'gloo::EnforceNotMet'\n")
+        os.abort()
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_rank_killed_by_a_signal_is_reported_with_the_end_of_its_stderr(capfd):
+    """A rank that dies without a traceback (SIGABRT): the error names the signal's exit code and quotes its stderr;
+    what the ranks wrote reaches the owner's stderr, rank by rank."""
+    with RankPool(2, timeout=600) as pool:
+        with pytest.raises(RankError) as info:
+            pool.run(case_rank_one_aborts)
+    message = str(info.value)
+    assert "rank 1 died (exit code -6)" in message and "gloo::EnforceNotMet" in message, message
+    err = capfd.readouterr().err
+    assert "[rank 0 of 2, stderr]\nrank 0 says hello on fd 2" in err, err
+    assert "[rank 1 of 2, stderr]\nrank 1 says hello on fd 2" in err, err

@@ -2,6 +2,7 @@
 backend choice, and no rank outliving a killed torchrun agent.  Every torchrun job here is a real gloo run."""
 
 import os
+import random
 import re
 import select
 import signal
@@ -35,8 +36,25 @@ EXAMPLES = {
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now (bound to port 0, then released)."""
-    with socket.socket() as s:
+    """A TCP port nobody listens on now, below the kernel's ephemeral range where the machine has room for one.
+
+    A port from bind(0) is released before torchrun binds it, seconds later; meanwhile a gloo rank of a pool or of
+    another job may take it with a bind(0) of its own, and a store client that then connects there feeds gloo bytes
+    it aborts on (SIGABRT).  bind(0) never hands out a port below the ephemeral range, so one from there is ours."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = random.sample(range(max(1024, low - 12000), low), min(64, max(0, low - 1024))) if low > 1024 else []
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the range: a port from it, and the retry on "address already in use"
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
