@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import dtp
 from dtp.plan.hf_plans import HF_STYLES, hf_parameter_placement
-from dtp.plan.moe_styles import MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
+from dtp.plan.moe_styles import AllReduceParallel, MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
 
 from .reference import assert_close, compare_causal_lm_step
 
@@ -29,7 +29,7 @@ def test_every_string_means_what_transformers_registers():
         "embedding_rowwise": dtp.VocabParallel(), "embedding_colwise": dtp.ColwiseParallel(output_layouts=Replicate()),
         "sequence_parallel": dtp.SequenceParallel(use_local_output=True), "replicate": dtp.ReplicateParallel(),
         "local_params": dtp.ReplicateParallel(), "replicated_with_grad_allreduce": dtp.ReplicateParallel(grad_all_reduce=True),
-        "all_reduce": dtp.PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate()),
+        "all_reduce": AllReduceParallel(),
         # transformers: PackedColwiseParallel() / PackedRowwiseParallel(), split_factor=2
         "packed_colwise": dtp.PackedColwiseParallel(blocks=2), "packed_rowwise": dtp.PackedRowwiseParallel(blocks=2),
         "moe_tp_experts": MoeExpertsParallel(), "moe_identity_expert": MoeIdentityParallel(),

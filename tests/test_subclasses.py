@@ -101,3 +101,41 @@ def test_from_linear_refuses_a_subclass_forward(pools):
 def _from_linear_refuses():
     with pytest.raises(TypeError, match="LoRALinear has its own forward"):
         dtp.ColumnParallelLinear.from_linear(LoRALinear(4, 4))
+
+
+class NormedEmbedding(nn.Embedding):
+    """Inkling's embedding: a norm right after the lookup, inside its own forward."""
+
+    def __init__(self, num_embeddings, embedding_dim):
+        super().__init__(num_embeddings, embedding_dim)
+        self.norm = nn.LayerNorm(embedding_dim)
+
+    def forward(self, ids):
+        return self.norm(super().forward(ids))
+
+
+def case_normed_embedding(output):
+    """Vocab rows split: the subclass's own norm sees the reduced lookup (DTensor alone would reach it as a pending
+    masked sum and fail), Replicate or sequence-scattered, with the values and gradients of one process."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    torch.manual_seed(0)
+    single = NormedEmbedding(20, 8)
+    with torch.no_grad():
+        single.norm.weight.uniform_(0.5, 1.5)
+        single.norm.bias.uniform_(-0.5, 0.5)
+    layout = Replicate() if output == "replicate" else Shard(1)
+    ours = dtp.parallelize_module(copy.deepcopy(single), dtp.default_mesh(),
+                                  {"": dtp.VocabParallel(output_layouts=layout, use_local_output=False)})
+    ids = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(1))
+    y = ours(ids)
+    assert isinstance(y, DTensor) and y.placements == (layout,), y
+    assert_close(step(ours, ids), step(single, ids), "output")
+    for (name, p), ref in zip(ours.named_parameters(), single.parameters()):
+        assert_close(full(p.grad), ref.grad, f"grad of {name}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("output", ["replicate", "sequence"])
+def test_embedding_subclass_normalizing_after_a_vocab_parallel_lookup(pools, world, output):
+    pools.run(world, case_normed_embedding, output)

@@ -29,6 +29,8 @@ SIZES = {
 }
 DERIVED = ("head_dim", "num_key_value_heads")  # None by default in some configs (derived later): set them anyway
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+# layer kinds a hybrid's default pattern leaves out (GraniteMoeHybrid's default is all Mamba, which its cache refuses)
+EXTRA_LAYER_KINDS = {"granitemoehybrid": {"layer_types": ["attention"]}}
 
 
 def causal_lm_types() -> list:
@@ -67,6 +69,8 @@ def tiny_config(config_class, **overrides):
         if isinstance(defaults.get(key), int) and defaults[key] >= sizes.get("vocab_size", 10**9):
             sizes[key] = TOKEN_IDS.index(key)
     patterns = {k: v for k, v in defaults.items() if k.endswith("layer_types") and isinstance(v, list) and v}
+    for key, kinds in EXTRA_LAYER_KINDS.get(getattr(config_class, "model_type", None), {}).items():
+        patterns[key] = patterns.get(key, []) + kinds
     if patterns and "num_hidden_layers" in sizes:  # hybrids: 4 layers with every kind of layer each pattern has
         layers = max(4, *(len(dict.fromkeys(v)) for v in patterns.values()))
         sizes["num_hidden_layers"] = layers

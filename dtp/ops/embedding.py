@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
@@ -15,7 +16,7 @@ from dtp.runtime.conversions import to_local
 from dtp.runtime.local_shards import plain_global_shape
 from dtp.runtime.sharding import contiguous_stride
 
-__all__ = ["vocab_parallel_embedding", "column_embedding", "check_ids", "replicated_ids"]
+__all__ = ["vocab_parallel_embedding", "column_embedding", "check_ids", "replicated_ids", "OwnVocabLookup"]
 
 
 def replicated_ids(ids, mesh: DeviceMesh, declared: Placement, what: str) -> torch.Tensor:
@@ -125,3 +126,23 @@ def column_embedding(ids, weight: DTensor, *, padding_idx: int | None = None, ga
     if use_local_output:
         return y
     return wrap_output(y, mesh, Replicate() if gather_output else Shard(y.dim() - 1), ids.shape + (dim,))
+
+
+class OwnVocabLookup(TorchFunctionMode):
+    """While an nn.Embedding subclass split by vocab rows runs its own forward: F.embedding of its own weight is
+    `vocab_parallel_embedding` (all-reduce to Replicate, or reduce-scatter onto `output_layout`) as a DTensor, so the
+    subclass's own math after the lookup (a norm, a scale) sees a reduced tensor, never DTensor's pending masked sum."""
+
+    def __init__(self, weight: DTensor, output_layout: Placement | None):
+        super().__init__()
+        self.weight, self.output_layout = weight, output_layout
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding and len(args) > 1 and args[1] is self.weight:
+            extra = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:]))
+            extra.update(kwargs)
+            if extra.get("max_norm") is None and not extra.get("scale_grad_by_freq") and not extra.get("sparse"):
+                return vocab_parallel_embedding(args[0], self.weight, padding_idx=extra.get("padding_idx"),
+                                                output_layout=self.output_layout, use_local_output=False)
+        return func(*args, **kwargs)

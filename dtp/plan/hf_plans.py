@@ -10,7 +10,8 @@ transformers registers for each (transformers.distributed.tensor_parallel):
     sequence_parallel                         SequenceParallel(use_local_output=True)
     replicate, local_params                   ReplicateParallel()                      forward on local tensors
     replicated_with_grad_allreduce            ReplicateParallel(grad_all_reduce=True)
-    all_reduce                                PrepareModuleOutput(Partial -> Replicate)
+    all_reduce                                AllReduceParallel()                      output all-reduced (and, on
+                                              its own split parameters, the inputs' gradients: as moe_tp_experts)
     packed_colwise                            PackedColwiseParallel(blocks=2)          e.g. a fused gate_up_proj
     packed_rowwise                            PackedRowwiseParallel(blocks=2)
     moe_tp_experts                            MoeExpertsParallel()                     experts split over tp
@@ -35,11 +36,10 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from dtp.plan.expert_styles import ExpertParallel, check_expert_count
-from dtp.plan.moe_styles import MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
-from dtp.plan.module_io import PrepareModuleOutput
+from dtp.plan.moe_styles import AllReduceParallel, MlaKvAProjParallel, MoeExpertsParallel, MoeIdentityParallel
 from dtp.ops.packed import PackedLayout, mark_packed, resolve_blocks, shard_packed
 from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
 from dtp.runtime.sharding import shard_parameter
@@ -62,7 +62,7 @@ HF_STYLES = {
     "replicate": lambda: ReplicateParallel(),
     "local_params": lambda: ReplicateParallel(),
     "replicated_with_grad_allreduce": lambda: ReplicateParallel(grad_all_reduce=True),
-    "all_reduce": lambda: PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate()),
+    "all_reduce": lambda: AllReduceParallel(),
     "packed_colwise": lambda: PackedColwiseParallel(blocks=HF_PACKED_BLOCKS),
     "packed_rowwise": lambda: PackedRowwiseParallel(blocks=HF_PACKED_BLOCKS),
     "moe_tp_experts": lambda: MoeExpertsParallel(),

@@ -3,6 +3,9 @@ gradient difference.
 
 * A rowwise entry whose output is indexed by heads (`dt_proj: rowwise` in Doge: out_features = the attention
   module's head count) gives every rank all heads' values while the attention's heads are split: found at plan time.
+* A plain `colwise` entry on a fused [gate; up] parameter (`experts.gate_up_proj: colwise` in Inkling) whose owner's
+  class takes gate and up as its two halves (`.chunk(2, dim=-1)`): a contiguous split gives one rank gate rows only
+  and another up rows only (`packed_colwise` splits each half over the ranks): found at plan time.
 * A trainable parameter no entry covers, read on sharded activations (Apertus' `act_fn.alpha_p` between a colwise
   and a rowwise projection): its gradient would be only this rank's share.  Whether an input is sharded is known only
   from the data, so a one-shot hook checks the first forward in grad mode (the hook then removes itself) and raises
@@ -11,6 +14,8 @@ gradient difference.
 
 from __future__ import annotations
 
+import inspect
+import re
 from functools import partial
 
 import torch
@@ -20,7 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from dtp.plan.heads import HEAD_ATTRIBUTES
 from dtp.runtime.traced import traced_as
 
-__all__ = ["PlanMistake", "check_head_indexed_rowwise", "watch_uncovered_parameters"]
+__all__ = ["PlanMistake", "check_head_indexed_rowwise", "check_fused_gate_up", "watch_uncovered_parameters"]
 
 SEARCH_DEPTH = 8  # autograd nodes walked back from a module's input (past elementwise and shape ops)
 
@@ -54,6 +59,26 @@ def check_head_indexed_rowwise(attention: nn.Module, attention_path: str, target
             f"head ({hit[0]}={target.out_features} of {attention_path!r}), whose heads the plan splits over tp: every "
             f"rank would get all heads' values for its own heads (a shape error mid-forward). Split its output by "
             f"heads instead: dtp.RowwiseParallel(output_layouts=dtp.Shard(-1)) (a reduce-scatter)")
+
+
+def check_fused_gate_up(owner: nn.Module, name: str, source: str, where: str) -> None:
+    """PlanMistake for plain `colwise` on a fused gate_up parameter that owner's forward splits into two halves."""
+    if source != "colwise" or "gate_up" not in name:
+        return
+    code = ""
+    for cls in type(owner).__mro__:  # its forward and the helpers it calls, its own bases' included
+        if cls.__module__.startswith("torch."):
+            break
+        try:
+            code += inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+    if re.search(r"\.chunk\(\s*2\b", code) and "::2" not in code:  # halves, not interleaved (gate, up) pairs
+        raise PlanMistake(
+            f"{where}: the model's plan makes this fused [gate; up] parameter 'colwise', a contiguous split over tp, but "
+            f"{type(owner).__name__} takes gate and up as its two halves (.chunk(2)): one rank would hold "
+            f"gate rows only and another up rows only (wrong numbers, silently). Use 'packed_colwise', which splits "
+            f"each half over the ranks")
 
 
 def _sharded_producer(node) -> str | None:

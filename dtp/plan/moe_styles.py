@@ -5,6 +5,9 @@
                          colwise, down_proj rowwise): every rank runs its shard of every expert on all the tokens;
                          forward all-reduce of the output, backward all-reduce of the tokens' and routing weights'
                          gradients (Megatron's copy_to / reduce_from around the experts)
+    AllReduceParallel    transformers' `all_reduce` (on shared experts): the module's output is a sum over the ranks
+                         made whole (all-reduce); when the plan split the module's own parameters, it runs on
+                         their shards with its floating inputs' gradients all-reduced too, as MoeExpertsParallel
     MoeIdentityParallel  an identity "expert" beside such experts: its input divided by tp, so that the experts'
                          all-reduce counts it once
     MlaKvAProjParallel   MLA's kv_a_proj_with_mqa (DeepSeek-V2 style, transformers' `mla_kv_a_proj`): a whole
@@ -17,15 +20,16 @@ from __future__ import annotations
 from types import MethodType
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from dtp.ops.local_forward import local_forward
+from dtp.plan.module_io import PrepareModuleOutput
 from dtp.plan.style import ParallelStyle
 from dtp.runtime.collectives import axis_of
 from dtp.runtime.conversions import to_local
 from dtp.runtime.mappings import copy_to, reduce_from
 
-__all__ = ["MoeExpertsParallel", "MoeIdentityParallel", "MlaKvAProjParallel"]
+__all__ = ["MoeExpertsParallel", "AllReduceParallel", "MoeIdentityParallel", "MlaKvAProjParallel"]
 
 
 def _replicated_local(value, axis):
@@ -50,6 +54,32 @@ class MoeExpertsParallel(ParallelStyle):
 
     def _apply(self, module, mesh) -> None:
         module.forward = MethodType(_experts_forward, module)
+
+
+def _owns_shards(module) -> bool:
+    return any(isinstance(p, DTensor) and not all(isinstance(q, Replicate) for q in p.placements)
+               for p in module._parameters.values())
+
+
+def _all_reduce_forward(self, *args, **kwargs):
+    if not _owns_shards(self):  # its children are split (rowwise leaves a partial sum): redistribute the output
+        return self._dtp_style.output.prepare(self, type(self).forward(self, *args, **kwargs))
+    axis = axis_of(self._dtp_mesh)
+    args = tuple(_replicated_local(a, axis) for a in args)
+    kwargs = {k: _replicated_local(v, axis) for k, v in kwargs.items()}
+    out = local_forward(self, args, kwargs)
+    return reduce_from(out, axis) if isinstance(out, torch.Tensor) else out
+
+
+class AllReduceParallel(ParallelStyle):
+    """Y = Σ_ranks module_r(X, ...): forward all-reduce of Y; on the module's own split parameters (shared experts'
+    stacked weights) it runs on their shards and backward all-reduces every floating input's gradient (copy_to)."""
+
+    def __init__(self):
+        self.output = PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate())
+
+    def _apply(self, module, mesh) -> None:
+        module.forward = MethodType(_all_reduce_forward, module)
 
 
 def _identity_input(module, args, kwargs):

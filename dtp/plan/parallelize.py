@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from dtp.plan.adapters import plan_for_adapters
 from dtp.plan.heads import HEAD_ATTRIBUTES, check_whole_heads
 from dtp.plan.plan_values import style_of
-from dtp.plan.mistakes import check_head_indexed_rowwise, watch_uncovered_parameters
+from dtp.plan.mistakes import check_fused_gate_up, check_head_indexed_rowwise, watch_uncovered_parameters
 from dtp.plan.hf_plans import ShardParameter, hf_parameter_placement
 from dtp.plan.moe_styles import MlaKvAProjParallel
 from dtp.mesh import tp_submesh
@@ -108,6 +108,8 @@ def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | 
             if param_hits:
                 style = ShardParameter(hf_parameter_placement(value, path, params[path].dim(), where), value)
                 style.check(params[path], mesh, where)
+                owner_path, _, name = path.rpartition(".")
+                check_fused_gate_up(module.get_submodule(owner_path), name, value, where)
             else:
                 style = _as_style(value, where)
                 target = module.get_submodule(path)

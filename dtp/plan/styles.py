@@ -17,13 +17,14 @@ DTensors with the parameter placements torch's styles give, as torch runs it.
 
 from __future__ import annotations
 
+import contextlib
 from types import MethodType
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from dtp.ops.embedding import column_embedding, replicated_ids, vocab_parallel_embedding
+from dtp.ops.embedding import OwnVocabLookup, column_embedding, replicated_ids, vocab_parallel_embedding
 from dtp.ops.dtensor_forward import dtensor_forward, is_last_dim
 from dtp.ops.linear import ColumnForward, RowForward
 from dtp.runtime.sharding import shard_parameter
@@ -203,7 +204,12 @@ def _subclass_forward(self, x, *args, **kwargs):
     declared, needed, out = self._dtp_style.layouts(self)
     if isinstance(needed, Shard) and isinstance(x, torch.Tensor):
         needed = Shard(needed.dim % x.dim())
-    return dtensor_forward(lambda t: type(self).forward(self, t, *args, **kwargs), x, self._dtp_mesh, declared, needed,
+    lookup = isinstance(self, nn.Embedding) and isinstance(self._dtp_style, RowwiseParallel)
+
+    def forward(t):  # a vocab-split embedding's own lookup is reduced at once: see OwnVocabLookup
+        with OwnVocabLookup(self.weight, out) if lookup else contextlib.nullcontext():
+            return type(self).forward(self, t, *args, **kwargs)
+    return dtensor_forward(forward, x, self._dtp_mesh, declared, needed,
                            out, self._dtp_style.use_local_output,
                            where=f"{type(self._dtp_style).__name__}({self._dtp_path!r})")
 
