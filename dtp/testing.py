@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from dtp.launch import exit_when_orphaned, pick_backend, run_under_torchrun
+from dtp.rank_logs import RankLogs, redirect_stderr
 
 __all__ = ["RankPool", "RankError", "run_on_ranks", "run_under_torchrun", "pick_backend", "preload_in_workers"]
 
@@ -63,9 +63,7 @@ def worker_context():
 
 
 def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results, owner_pid, environ, stderr_path):
-    fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)  # the pool forwards it, and quotes its end if this rank dies
-    os.dup2(fd, 2)
-    os.close(fd)
+    redirect_stderr(stderr_path)  # the pool forwards it, and quotes its end if this rank dies
     # Only the parent decides on Ctrl-C: a task must not turn it into an "err" reply and carry on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
@@ -143,10 +141,7 @@ class RankPool:
             fd, self._init_file = tempfile.mkstemp(prefix="dtp_rdzv_")
             os.close(fd)
             os.unlink(self._init_file)
-            self._stderr = [f"{self._init_file}.rank{r}.stderr" for r in range(self.world_size)]
-            self._stderr_read = [0] * self.world_size
-            for path in self._stderr:
-                open(path, "w").close()
+            self._logs = RankLogs(self._init_file, self.world_size)
             self._results = self._ctx.Queue()
             self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
             self._ready = self._stopping = False
@@ -156,7 +151,7 @@ class RankPool:
                         target=_worker,
                         args=(rank, self.world_size, self._init_file, self.backend, self.pg_timeout,
                               self._tasks[rank], self._results, os.getpid(), dict(os.environ),
-                              self._stderr[rank]),
+                              self._logs.paths[rank]),
                         daemon=True,
                     )
                     p.start()
@@ -204,10 +199,11 @@ class RankPool:
                 p.kill()
         for q in self._tasks:  # a task a killed rank never read must not make interpreter exit wait on its pipe
             q.cancel_join_thread()
-        self._forward_stderr()
-        for path in [getattr(self, "_init_file", None), *getattr(self, "_stderr", [])]:
-            if path and os.path.exists(path):
-                os.unlink(path)
+        if getattr(self, "_logs", None):
+            self._logs, logs = None, self._logs
+            logs.remove()
+        if getattr(self, "_init_file", None) and os.path.exists(self._init_file):
+            os.unlink(self._init_file)
         for p in procs:
             p.join(timeout=5)
 
@@ -235,29 +231,8 @@ class RankPool:
             self._kill()
             raise
         self._raise_if_failed(replies, getattr(fn, "__name__", repr(fn)))
-        self._forward_stderr()
+        self._logs.forward()
         return [replies[r][1] for r in range(self.world_size)]
-
-    def _forward_stderr(self) -> None:
-        """Copy what each rank wrote to its stderr since the last call to this process's stderr, rank by rank."""
-        for rank, path in enumerate(getattr(self, "_stderr", [])):
-            try:
-                with open(path, errors="replace") as f:
-                    f.seek(self._stderr_read[rank])
-                    text = f.read()
-                    self._stderr_read[rank] = f.tell()
-            except OSError:
-                continue
-            if text:
-                sys.stderr.write(f"[rank {rank} of {self.world_size}, stderr]\n{text}")
-
-    def _stderr_tail(self, rank: int, size: int = 3000) -> str:
-        """The last `size` characters rank `rank` wrote to its stderr."""
-        try:
-            with open(self._stderr[rank], errors="replace") as f:
-                return f.read()[-size:]
-        except (OSError, AttributeError, IndexError):
-            return ""
 
     def _collect(self, case_id, timeout: float) -> dict:
         """Gather one reply per rank; after a failure give the others a short grace period."""
@@ -273,7 +248,7 @@ class RankPool:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in replies]
                 for r in dead:
                     replies[r] = ("err", f"rank {r} died (exit code {self._procs[r].exitcode}); the end of its "
-                                         f"stderr:\n{self._stderr_tail(r) or '(nothing)'}")
+                                         f"stderr:\n{self._logs.tail(r) or '(nothing)'}")
                 if time.monotonic() > deadline:
                     break
                 continue
