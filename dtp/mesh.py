@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["default_mesh", "init_mesh", "mesh_device_type", "tp_submesh", "check_member", "check_divisible"]
+__all__ = ["default_mesh", "init_mesh", "mesh_device_type", "tp_submesh", "check_member", "check_divisible", "common_root"]
 
 # Meshes are cached per default process group (keyed by the group object itself): every layer
 # built without an explicit mesh shares one, init_mesh does not create new sub-groups on every
@@ -91,6 +91,32 @@ def init_mesh(tp: int | None = None, dp: int | None = None, *, ep: int | None = 
     if dp is None:
         return _named_mesh(device_type, (tp,), ("tp",))
     return _named_mesh(device_type, (dp, tp), ("dp", "tp"))
+
+
+def _along(root: DeviceMesh, name: str) -> list:
+    """The ranks on root's axis `name` through this rank (no slicing: torch 2.7 records every slice)."""
+    dim = root.mesh_dim_names.index(name)
+    coords = (root.mesh == dist.get_rank()).nonzero()
+    if len(coords) == 0:
+        return []
+    index = list(coords[0])
+    index[dim] = slice(None)
+    return root.mesh[tuple(index)].flatten().tolist()
+
+
+def common_root(meshes: tuple, names: tuple) -> DeviceMesh | None:
+    """The one mesh that each of `meshes` was sliced from as its axis of the same name, or None."""
+    if all(hasattr(m, "_get_root_mesh") for m in meshes):
+        root = meshes[0]._get_root_mesh()
+        return root if all(m._get_root_mesh() is root for m in meshes) else None
+    from torch.distributed.device_mesh import _mesh_resources  # torch 2.7: its child -> root map keys by value,
+
+    roots = {id(r): r for r in _mesh_resources.child_to_root_mapping.values()}  # so a later equal slice remaps it
+    for root in roots.values():
+        if set(names) <= set(root.mesh_dim_names or ()) and all(
+                _along(root, n) == m.mesh.flatten().tolist() for m, n in zip(meshes, names)):
+            return root
+    return None
 
 
 def check_member(mesh: DeviceMesh, what: str) -> None:

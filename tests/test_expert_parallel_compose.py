@@ -126,8 +126,23 @@ def case_ep_fsdp():
     return [str(p.placements) for p in model.layers[0].moe.experts.parameters()][0]
 
 
+def case_ep_fsdp_refused():
+    """torch 2.7 on gloo: no way to divide the experts' reduce by dp, so a clear error on every rank, before FSDP2."""
+    model = MoEModel(num_experts=4, top_k=2)
+    mesh = dtp.init_mesh(ep=2)
+    dtp.parallelize_module(model, mesh["ep"], ep_plan(), replicate_rest=False)
+    with pytest.raises(NotImplementedError, match=r"dp=\d.*set_gradient_divide_factor.*gloo"):
+        dtp.fully_shard_experts(model.layers[0].moe.experts, mesh)
+    return True
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_times_fsdp2(pools, world):
+    from torch.distributed.fsdp import FSDPModule
+
+    if not hasattr(FSDPModule, "set_gradient_divide_factor"):  # torch 2.7 (gloo has no PREMUL_SUM)
+        assert pools.run(world, case_ep_fsdp_refused) == [True] * world
+        return
     placements = pools.run(world, case_ep_fsdp)[0]
     assert "Shard(dim=0)" in placements
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from dtp.mesh import check_member
+from dtp.mesh import check_member, common_root
 from dtp.ops.expert_dispatch import expert_parallel
 from dtp.ops.local_forward import local_forward
 from dtp.plan.style import ParallelStyle
@@ -159,9 +159,9 @@ class ExpertTensorParallel(ExpertParallel):
         self.colwise, self.rowwise = tuple(colwise), tuple(rowwise)
 
     def _mesh_2d(self, mesh, where: str):
-        root = mesh._get_root_mesh()
         names = (mesh.mesh_dim_names or ("?",))[0], (self.tp_mesh.mesh_dim_names or ("?",))[0]
-        if root is not self.tp_mesh._get_root_mesh() or not set(names) <= set(root.mesh_dim_names or ()):
+        root = common_root((mesh, self.tp_mesh), names)
+        if root is None or not set(names) <= set(root.mesh_dim_names or ()):
             raise ValueError(f"{where}: ExpertTensorParallel needs the ep and tp meshes to be two axes of one mesh "
                              f"(dtp.init_mesh(dp=, ep=, tp=) with ep dividing dp); got {mesh} and {self.tp_mesh}")
         return root[names]
