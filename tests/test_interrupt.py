@@ -6,6 +6,7 @@ blocks in C++ (a recv from a peer that never sends, which no Python-level signal
 it.  Only the time from the signal to the exit is held to 5 s; the startup may take long on a busy machine.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,8 +24,10 @@ STARTUP_S = 60.0  # spawning ranks costs ~6 s on an idle machine; stretched by t
 EXIT_S = 10.0  # 0.4-2 s on a quiet machine (interpreter teardown with torch loaded); stretched by the load
 
 TASK = '''
-import os, sys, time
+import faulthandler, os, signal, sys, time
 import torch, torch.distributed as dist
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks where it is stuck when it does not exit
 
 def block(marker_dir):
     """Write this rank's pid, then wait in C++ for a message no peer ever sends."""
@@ -152,9 +155,13 @@ def _interrupt_and_check(proc, log, pids):
     except subprocess.TimeoutExpired:
         pass
     elapsed = time.monotonic() - start
+    if proc.returncode is None:  # where is it stuck?  each script dumps every thread's stack on SIGUSR1
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(2)
     try:
         log.seek(0)
-        output = log.read()[-3000:]
+        output = log.read()[-8000:]
         assert proc.returncode is not None, f"still running {elapsed:.1f} s after one SIGINT:\n{output}"
         assert elapsed < allowed(EXIT_S), f"took {elapsed:.1f} s to exit after SIGINT:\n{output}"
         assert "KeyboardInterrupt" in output, output
