@@ -57,6 +57,31 @@ def test_blocks(pools):
     pools.run(2, block, MARKERS)
 '''
 
+# Beside the pytest run's test file: when and where its exit after Ctrl-C spends its time (a busy machine's failures)
+TIMELINE_CONFTEST = '''
+import faulthandler, os, time
+
+TIMELINE = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "timeline.txt"), "a", buffering=1)
+T0 = time.monotonic()
+
+
+def mark(what):
+    TIMELINE.write(f"{time.monotonic() - T0:8.2f} s  {what}\\n")
+
+
+def pytest_keyboard_interrupt(excinfo):
+    mark("KeyboardInterrupt reached pytest; every thread's stack follows every 5 s until the process exits")
+    faulthandler.dump_traceback_later(5, repeat=True, file=TIMELINE)
+
+
+def pytest_sessionfinish(session):
+    mark("pytest_sessionfinish")
+
+
+def pytest_unconfigure(config):
+    mark("pytest_unconfigure")
+'''
+
 
 def _stat(pid):
     """(state, process group, start time) of pid, or None once it is gone or a zombie."""
@@ -123,6 +148,7 @@ def started(tmp_path_factory):
         tmp_path = tmp_path_factory.mktemp(name.replace(" ", "_"))
         if name == "pytest":
             (tmp_path / "test_blocked.py").write_text(TEST_FILE)
+            (tmp_path / "conftest.py").write_text(TIMELINE_CONFTEST)
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
                    "--rootdir", str(tmp_path), str(tmp_path / "test_blocked.py")]
         else:
@@ -162,6 +188,10 @@ def _interrupt_and_check(proc, log, pids):
     try:
         log.seek(0)
         output = log.read()[-8000:]
+        timeline = os.path.join(os.path.dirname(log.name), "timeline.txt")
+        if os.path.exists(timeline) and (proc.returncode is None or elapsed >= allowed(EXIT_S)):
+            with open(timeline) as f:
+                output += f"\n--- the run's timeline after the signal ---\n{f.read()[-12000:]}"
         assert proc.returncode is not None, f"still running {elapsed:.1f} s after one SIGINT:\n{output}"
         assert elapsed < allowed(EXIT_S), f"took {elapsed:.1f} s to exit after SIGINT:\n{output}"
         assert "KeyboardInterrupt" in output, output
