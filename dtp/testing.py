@@ -204,8 +204,9 @@ class RankPool:
             logs.remove()
         if getattr(self, "_init_file", None) and os.path.exists(self._init_file):
             os.unlink(self._init_file)
+        deadline = time.monotonic() + 5  # one bound for the pool, not one per rank: a Ctrl-C exits within seconds
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> "RankPool":
         return self.start()
