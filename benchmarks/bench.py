@@ -1,6 +1,7 @@
 """`python -m benchmarks.bench`: same-run step times of dtp, torch's parallelize_module, hand-written Megatron and one process.
 
-Variants are interleaved (A B C D, B C D A, ...) so machine noise hits them alike; each timing is
+Variants are interleaved, in an order shuffled afresh each round (the same on every rank), so machine noise and
+whatever ran just before (a cold cache after the one-process variant, say) hit them alike; each timing is
 the median over rounds of the mean step time (forward + backward, optionally optimizer step) of a
 block of steps, with its spread (min-max over rounds).  Ratios are of medians of the same run.
 """
@@ -24,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 from benchmarks.bench_reference import HandBlock, HandLlama, HandMLP
+from benchmarks.interleave import round_order
 from dtp.mesh import default_mesh
 from dtp.plan.parallelize import parallelize_module
 from benchmarks.report import format_compiled_table, format_table, table_row
@@ -209,8 +211,7 @@ def bench_rank(shape_name: str, rounds: int | None = None, steps: int = 4, optim
         _sync(device)
     order = list(variants)
     for round_ in range(rounds):
-        # interleaved, and rotated each round so no variant always runs right after another
-        for name in order[round_ % len(order):] + order[:round_ % len(order)]:
+        for name in round_order(order, round_):  # interleaved, in a fresh order each round
             model = variants[name]
             _sync(device)
             start = time.perf_counter()

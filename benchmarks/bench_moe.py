@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtp.testing import RankPool
+from benchmarks.interleave import round_order
 
 SHAPES = {  # model kwargs, tokens per rank (batch, seq)
     "layer": (dict(dim=128, hidden=256, num_experts=8, top_k=2), (4, 64)),
@@ -139,9 +140,7 @@ def moe_rank(shape: str, rounds: int, steps: int) -> dict:
     for fn in variants.values():
         fn()  # warm-up
     for r in range(rounds):
-        names = ["dtp", "hand", "single"]
-        names = names[r % 3:] + names[: r % 3]
-        for name in names:
+        for name in round_order(("dtp", "hand", "single"), r):
             dist.barrier()
             if name not in variants:
                 continue

@@ -27,3 +27,17 @@ def test_overhead_benchmark_runs(pools):
     result = pools.run(2, overhead_rank, "small", 4)[0]
     assert set(result) == {"dtp", "hand", "dtp - hand"}
     assert all(len(v) == 2 and all(isinstance(t, int) for t in v) for v in result.values())
+
+
+def test_variants_run_in_a_fresh_order_each_round():
+    """Each round runs every variant once, in an order every rank computes alike, and no variant always follows the
+    same one (a rotation A B C D, B C D A, ... would: its cyclic predecessor never changes)."""
+    from benchmarks.interleave import round_order
+
+    names = ("dtp", "torch", "hand", "single", "dtp_compiled", "torch_compiled")
+    rounds = [round_order(names, r) for r in range(25)]
+    assert all(sorted(order) == sorted(names) for order in rounds)
+    assert rounds == [round_order(list(names), r) for r in range(25)]  # a function of the round alone
+    for name in names:
+        before = {order[order.index(name) - 1] for order in rounds if order.index(name) > 0}
+        assert len(before) >= 3, (name, before)
