@@ -44,10 +44,10 @@ from dtp.testing import RankPool, run_on_ranks
 if __name__ == "__main__":
     marker_dir = os.environ["DTP_TEST_MARKERS"]
     if sys.argv[1] == "pool":
-        with RankPool(2, timeout=300, pg_timeout=1800) as pool:
+        with RankPool(2, timeout=1800, pg_timeout=1800) as pool:  # no case bound may end it before the signal does
             pool.run(block, marker_dir)
     else:
-        run_on_ranks(block, 2, marker_dir)
+        run_on_ranks(block, 2, marker_dir, timeout=1800)
 '''
 
 TEST_FILE = TASK + '''
@@ -112,13 +112,20 @@ def _survivors(procs, wait_s=3.0):
         time.sleep(0.1)
 
 
+# A terminal's program starts with SIGINT at its default.  A suite run in the background of a script or under nohup
+# inherits SIGINT ignored, and a Python started so never installs KeyboardInterrupt: reset it, then exec the command.
+AS_FROM_A_TERMINAL = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+
+
 def _launch(cmd, tmp_path):
-    """Start cmd in a new session, with a fresh marker directory for its ranks; return (proc, log, markers)."""
+    """Start cmd in a new session with SIGINT at its default, as a terminal starts it, and a fresh marker directory for
+    its ranks; return (proc, log, markers)."""
     markers = tmp_path / "markers"
     markers.mkdir()
     log = open(tmp_path / "log.txt", "w+")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "DTP_TEST_MARKERS": str(markers)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL, *cmd], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log, markers
 
 
