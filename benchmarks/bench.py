@@ -81,18 +81,21 @@ def _llama_variants(shape: dict, device: torch.device, mesh):
     return x, variants, plan_ms
 
 
-def _compiled(variants: dict, plan_ms: dict, fresh) -> None:
+def _compiled(variants: dict, plan_ms: dict, fresh, x) -> None:
     """Add torch.compile(fullgraph=True) (inductor) copies of dtp and torch TP, each parallelized afresh by fresh(name);
     their compile time (the first forward + backward) is measured during warm-up: each compiles from scratch (no
     FX-graph / autograd cache hit from the other's identical graphs, and each with its own empty kernel caches) after
-    a throw-away compile has loaded inductor."""
+    a throw-away compile of one more copy of each has loaded inductor and run both tracings once: whichever compiled
+    first would otherwise pay the first-time costs alone (~1-2 s on the block), or a warm-up of one kind only favour it."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = False
     if hasattr(functorch_config, "enable_autograd_cache"):
         functorch_config.enable_autograd_cache = False
-    torch.compile(lambda t: (t * 2).sum())(torch.ones(2, requires_grad=True)).backward()
+    for name in ("dtp", "torch"):
+        _step(torch.compile(fresh(name), fullgraph=True), x, None)
+    torch._dynamo.reset()
     for name in ("dtp", "torch"):
         variants[f"{name}_compiled"] = torch.compile(fresh(name), fullgraph=True)
         plan_ms[f"{name}_compiled"] = 0.0
@@ -127,7 +130,7 @@ def _models(shape: dict, device: torch.device, compile_: bool = False):
             from examples.llama import apply_tp
             single, tp = variants["single"], dict(loss_parallel=False, enable_sp=shape["sp"])
             _compiled(variants, plan_ms, lambda name: apply_tp(copy.deepcopy(single), mesh, **tp,
-                                                               styles=dtp if name == "dtp" else torch_tp))
+                                                               styles=dtp if name == "dtp" else torch_tp), x)
         return x, variants, plan_ms
     if shape["kind"] == "mlp":
         single = nn.Sequential(nn.Linear(shape["dim"], shape["hidden"]), nn.GELU(),
@@ -149,7 +152,7 @@ def _models(shape: dict, device: torch.device, compile_: bool = False):
     plan_ms = {"dtp": plan_dtp, "dtp_local": plan_local, "torch": plan_torch}
     if compile_:
         _compiled(variants, plan_ms, lambda name: (parallelize_module if name == "dtp" else torch_tp.parallelize_module)(
-            copy.deepcopy(single), mesh, plan(dtp if name == "dtp" else torch_tp)))
+            copy.deepcopy(single), mesh, plan(dtp if name == "dtp" else torch_tp)), x)
     return x, variants, plan_ms
 
 
