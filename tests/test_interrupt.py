@@ -114,7 +114,8 @@ def _survivors(procs, wait_s=3.0):
 
 # A terminal's program starts with SIGINT at its default.  A suite run in the background of a script or under nohup
 # inherits SIGINT ignored, and a Python started so never installs KeyboardInterrupt: reset it, then exec the command.
-AS_FROM_A_TERMINAL = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+AS_FROM_A_TERMINAL = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 def _launch(cmd, tmp_path):
