@@ -21,6 +21,7 @@ from dtp.plan.style import ParallelStyle
 from dtp.plan.styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
 from dtp.ops.packed import PackedLayout
 from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
+from dtp.plan.unit_styles import UnitColwiseParallel, UnitRowwiseParallel
 from dtp.plan.expert_styles import ExpertParallel, ExpertTensorParallel
 
 __all__ = [
@@ -32,8 +33,8 @@ __all__ = [
     "default_mesh", "init_mesh", "parallelize_module", "explain_plan", "applied_styles", "PlanMistake",
     "ParallelStyle", "ColwiseParallel", "RowwiseParallel", "VocabParallel", "SequenceParallel",
     "ReplicateParallel", "PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput",
-    "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts", "ExpertParallel",
-    "ExpertTensorParallel",
+    "PackedColwiseParallel", "PackedRowwiseParallel", "PackedLayout", "packed_layouts", "UnitColwiseParallel",
+    "UnitRowwiseParallel", "ExpertParallel", "ExpertTensorParallel",
     # 2-D composition and the reference verifier
     "parallelize_2d", "fully_shard", "fully_shard_experts", "replicate_over", "clip_grad_norm_", "verify",
     "VerifyReport", "check_replicas",

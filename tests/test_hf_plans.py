@@ -37,6 +37,8 @@ def test_every_string_means_what_transformers_registers():
         # transformers' expert_parallel.py: whole experts over ep, the tokens all-to-all (the mesh shares the batch)
         "ep_dispatch_experts": dtp.ExpertParallel(input_layouts=Replicate()),
         "grouped_gemm": dtp.ExpertParallel(input_layouts=Replicate()),
+        # transformers 5.25: whole heads per rank, shared by groups of ranks where there are fewer heads than ranks
+        "unit_colwise": dtp.UnitColwiseParallel(), "unit_rowwise": dtp.UnitRowwiseParallel(),
     }
     assert {name: make() for name, make in HF_STYLES.items()} == expected
     assert hf_parameter_placement("colwise", "attn.sinks", 1, "") == Shard(0)
@@ -48,6 +50,8 @@ def test_every_string_means_what_transformers_registers():
     assert hf_parameter_placement("packed_rowwise", "experts.gate_up_proj", 3, "") == Shard(2)  # by 2 blocks
     assert hf_parameter_placement("packed_rowwise", "experts.bias", 1, "") == Replicate()
     assert hf_parameter_placement("grouped_gemm", "experts.gate_up_proj", 3, "") == Shard(0)
+    assert hf_parameter_placement("unit_colwise", "attn.k_proj.weight", 2, "") == Shard(0)
+    assert hf_parameter_placement("unit_rowwise", "attn.o_proj.bias", 1, "") == Replicate()
 
 
 def test_dtp_knows_every_string_transformers_registers():
@@ -167,6 +171,10 @@ def test_tied_weights_stay_tied(pools):
     pools.run(2, case_tied_weights)
 
 
+TP_EXPERTS = {"model.layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+              "model.layers.*.mlp.experts.down_proj": "rowwise", "model.layers.*.mlp.experts": "moe_tp_experts"}
+
+
 def case_transformers_moe(kind):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -184,7 +192,10 @@ def case_transformers_moe(kind):
                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **common)
         single = transformers.DeepseekV2ForCausalLM(cfg)
     model = copy.deepcopy(single)
-    dtp.parallelize_module(model, dtp.default_mesh(), model.tp_plan)  # moe_tp_experts and the packed expert weights
+    plan = dict(model.tp_plan)
+    if not any(key.endswith("mlp.experts") for key in plan):  # transformers >= 5.25 leaves the experts to its ep_plan:
+        plan.update(TP_EXPERTS)  # the tp entries its plans carried up to 5.24, written out
+    dtp.parallelize_module(model, dtp.default_mesh(), plan)  # moe_tp_experts and the packed expert weights
     packed = dtp.packed_layouts(model)
     ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-6) for m in (model, single)]

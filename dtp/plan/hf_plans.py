@@ -12,6 +12,9 @@ transformers registers for each (transformers.distributed.tensor_parallel):
     replicated_with_grad_allreduce            ReplicateParallel(grad_all_reduce=True)
     all_reduce                                AllReduceParallel()                      output all-reduced (and, on
                                               its own split parameters, the inputs' gradients: as moe_tp_experts)
+    unit_colwise, unit_rowwise                ColwiseParallel() / RowwiseParallel() where tp divides the heads,
+                                              else UnitColwiseParallel / UnitRowwiseParallel (heads shared by
+                                              groups of ranks: dtp.plan.unit_styles); head_dim from the config
     packed_colwise                            PackedColwiseParallel(blocks=2)          e.g. a fused gate_up_proj
     packed_rowwise                            PackedRowwiseParallel(blocks=2)
     moe_tp_experts                            MoeExpertsParallel()                     experts split over tp
@@ -45,6 +48,7 @@ from dtp.plan.packed_styles import PackedColwiseParallel, PackedRowwiseParallel
 from dtp.runtime.sharding import shard_parameter
 from dtp.plan.style import ParallelStyle
 from dtp.plan.styles import ColwiseParallel, ReplicateParallel, RowwiseParallel, SequenceParallel, VocabParallel
+from dtp.plan.unit_styles import UnitColwiseParallel, UnitRowwiseParallel
 
 __all__ = ["HF_STYLES", "hf_style", "hf_parameter_placement", "ShardParameter", "without_expert_entries"]
 
@@ -63,6 +67,8 @@ HF_STYLES = {
     "local_params": lambda: ReplicateParallel(),
     "replicated_with_grad_allreduce": lambda: ReplicateParallel(grad_all_reduce=True),
     "all_reduce": lambda: AllReduceParallel(),
+    "unit_colwise": lambda: UnitColwiseParallel(),  # resolved at plan time by the heads and tp (resolve_unit_style)
+    "unit_rowwise": lambda: UnitRowwiseParallel(),
     "packed_colwise": lambda: PackedColwiseParallel(blocks=HF_PACKED_BLOCKS),
     "packed_rowwise": lambda: PackedRowwiseParallel(blocks=HF_PACKED_BLOCKS),
     "moe_tp_experts": lambda: MoeExpertsParallel(),
@@ -94,6 +100,7 @@ def hf_parameter_placement(name: str, param_name: str, ndim: int, where: str) ->
         return Shard(max(ndim - 2, 0))
     if name == "packed_rowwise":
         return Replicate() if ndim == 1 else Shard(ndim - 1)
+    name = name.removeprefix("unit_")  # a parameter entry has no heads to group: as colwise / rowwise
     if name.startswith("colwise"):
         return Shard(max(ndim - 2, 0))
     if name.startswith("rowwise"):

@@ -32,6 +32,7 @@ from dtp.plan.replicated import replicate_remaining_
 from dtp.plan.style import ParallelStyle
 from dtp.plan.styles import ColwiseParallel, RowwiseParallel
 from dtp.plan.torch_styles import TorchStyle, is_torch_style
+from dtp.plan.unit_styles import UnitColwiseParallel, UnitRowwiseParallel, resolve_unit_style
 
 __all__ = ["parallelize_module", "explain_plan", "applied_styles"]
 
@@ -63,7 +64,8 @@ def _rope_dim(model: nn.Module, path: str):
 
 def _check_heads(model: nn.Module, path: str, style, target: nn.Module, tp: int, where: str) -> None:
     """A projection an attention module's heads run through must give each rank whole heads."""
-    if not path or not isinstance(target, nn.Linear) or not isinstance(style, (ColwiseParallel, RowwiseParallel)):
+    if (not path or not isinstance(target, nn.Linear) or not isinstance(style, (ColwiseParallel, RowwiseParallel))
+            or isinstance(style, (UnitColwiseParallel, UnitRowwiseParallel))):  # heads shared by groups of ranks
         return
     parent_path = path.removesuffix(".base_layer").rpartition(".")[0]  # a peft LoRA layer's base: its attention
     parent = model.get_submodule(parent_path)
@@ -115,6 +117,8 @@ def explain_plan(module: nn.Module, parallelize_plan, device_mesh: DeviceMesh | 
                 target = module.get_submodule(path)
                 if isinstance(style, MlaKvAProjParallel) and style.rope_dim is None:
                     style = MlaKvAProjParallel(rope_dim=_rope_dim(module, path))
+                style = resolve_unit_style(style, module, module.get_submodule(path.rpartition(".")[0]), target,
+                                           mesh.size(), where)
                 style.check(target, mesh, where)
                 _check_heads(module, path, style, target, mesh.size(), where)
             chosen[path] = (pattern, style)
