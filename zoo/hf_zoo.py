@@ -49,6 +49,10 @@ def _parallelize(model, library: str) -> None:
     else:
         from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
+        if getattr(model, "_mesh_manager", False) is None:  # from_pretrained's meshes (unit_colwise reads them)
+            from transformers.distributed.utils import TransformersDeviceMesh
+
+            model._mesh_manager = TransformersDeviceMesh(dtp.default_mesh(), dtp.default_mesh())
         apply_tensor_parallelism(model, dtp.default_mesh(), model._expand_parallel_plan(model.tp_plan))  # as from_pretrained
 
 
