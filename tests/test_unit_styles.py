@@ -194,3 +194,31 @@ def case_unit_styles_under_lora(heads, kv_heads):
 def test_unit_styles_under_peft_lora(pools, world, heads, kv_heads):
     """peft LoRA on every projection: lora_B takes the unit split of its base layer, lora_A is replicated."""
     assert pools.run(world, case_unit_styles_under_lora, heads, kv_heads) == [8] * world  # A, B of 4
+
+
+def case_unit_styles_2d(data_parallel):
+    """dp 2 x tp 2: 1 key/value head shared by both tp ranks, FSDP2 or DDP over dp (gradients averaged); 2 SGD steps
+    (SGD, not Adam: k_proj's bias has a gradient of rounding noise, softmax being blind to it, which Adam would
+    normalise into a full step)."""
+    mesh = dtp.init_mesh(dp=2, tp=2)
+    dp_rank = mesh["dp"].get_local_rank()
+    torch.manual_seed(0)
+    single = Block(4, 1)
+    model = dtp.parallelize_2d(copy.deepcopy(single), mesh, plan_for(4, 2), data_parallel=data_parallel)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (single, model)]
+    for step in range(2):
+        x = torch.randn(4, 5, 12)
+        single(x).pow(2).mean().backward()
+        model(x.chunk(2)[dp_rank]).pow(2).mean().backward()  # each dp half's mean, averaged over dp
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    params = dict(model.named_parameters())
+    for name, p in single.named_parameters():
+        assert_close(full(params[name]), p, f"{name} after 2 SGD steps", scale=10.0)
+    return True
+
+
+@pytest.mark.parametrize("data_parallel", ["fsdp", "ddp"])
+def test_unit_styles_compose_with_data_parallel(pools, data_parallel):
+    assert pools.run(4, case_unit_styles_2d, data_parallel) == [True] * 4
