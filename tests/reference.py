@@ -28,6 +28,24 @@ def assert_close(actual, expected, what, dtype=torch.float32, scale=1.0):
                                atol=tol["atol"] * scale * mag, msg=lambda m: f"{what}: {m}")
 
 
+def compare_forward_backward(model, single, x):
+    """model(x) against single(x) under the loss sum(Y²): the output (a plain tensor), the input gradient and every
+    parameter gradient (a DTensor's as its full tensor) equal; returns the two inputs (model's, single's)."""
+    xo, xs = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    out, ref = model(xo), single(xs)
+    assert type(out) is torch.Tensor, f"the output is a {type(out).__name__}"
+    assert_close(out, ref, "output")
+    out.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    assert_close(xo.grad, xs.grad, "input gradient")
+    refs = dict(single.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is not None or refs[name].grad is not None:
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            assert_close(grad, refs[name].grad, f"grad of {name}")
+    return xo, xs
+
+
 def assert_shard_close(param_or_grad, full_expected, placement, what, dtype=torch.float32, scale=1.0):
     """A DTensor's local shard equals this rank's slice of the full single-process tensor."""
     assert isinstance(param_or_grad, DTensor), f"{what}: expected a DTensor, got {type(param_or_grad).__name__}"

@@ -13,11 +13,7 @@ from torch.distributed.tensor import DTensor
 import dtp
 from dtp.plan.mistakes import PlanMistake
 
-from .reference import assert_close
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+from .reference import compare_forward_backward
 
 
 class SharedExperts(nn.Module):
@@ -59,16 +55,7 @@ def case_shared_experts_all_reduce():
     single = Block()
     ours = dtp.parallelize_module(copy.deepcopy(single), dtp.default_mesh(), SHARED_PLAN)
     assert ours.shared.gate_proj.placements[0].dim == 1 and ours.shared.down_proj.placements[0].dim == 2
-    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1))
-    xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ys, yo = single(xs), ours(xo)
-    assert type(yo) is torch.Tensor
-    assert_close(yo, ys, "output")
-    ys.pow(2).sum().backward()
-    yo.pow(2).sum().backward()
-    assert_close(xo.grad, xs.grad, "input gradient")
-    for (name, p), ref in zip(ours.named_parameters(), single.parameters()):
-        assert_close(full(p.grad), ref.grad, f"grad of {name}")
+    compare_forward_backward(ours, single, torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("world", [2, 4])
