@@ -3,6 +3,7 @@ group of ranks shares each head), against one process: outputs, every parameter 
 gradient penalty (double backward); where tp divides the heads they are plain ColwiseParallel / RowwiseParallel."""
 
 import copy
+import io
 import math
 from types import SimpleNamespace
 
@@ -204,3 +205,40 @@ def case_unit_styles_2d(data_parallel):
 @pytest.mark.parametrize("data_parallel", ["fsdp", "ddp"])
 def test_unit_styles_compose_with_data_parallel(pools, data_parallel):
     assert pools.run(4, case_unit_styles_2d, data_parallel) == [True] * 4
+
+
+def case_unit_checkpoint(path, phase):
+    """The same plan at tp 4 (q, k, v unit_colwise with shared heads, o_proj unit_rowwise: every weight Replicate) and
+    at tp 2 (q colwise, o_proj rowwise: Shard): a state dict through torch.save / weights_only, and a DCP checkpoint
+    with its optimizer state saved at 4 and loaded at 2."""
+    torch.manual_seed(0)
+    single = Block(2, 1)
+    mesh = dtp.default_mesh()
+    build = lambda: dtp.parallelize_module(copy.deepcopy(single), mesh, plan_for(2, mesh.size()))
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    x = torch.randn(2, 5, 12)
+    if phase == "save":
+        model(x).pow(2).sum().backward()
+        opt.step()
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = build()
+        fresh.load_state_dict(torch.load(buffer, weights_only=True))
+        for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+            assert torch.equal(a.to_local(), b.to_local()), name
+        dtp.save_checkpoint(path, model, opt)
+        return model(x).detach()
+    dtp.load_checkpoint(path, model, opt)
+    assert isinstance(model.self_attn.o_proj.weight, DTensor)
+    return model(x).detach(), model.self_attn.o_proj.weight.placements
+
+
+def test_unit_plan_checkpoint_reshards_between_shared_and_split_heads(pools, tmp_path):
+    path = str(tmp_path / "ckpt")
+    saved = pools.run(4, case_unit_checkpoint, path, "save")[0]
+    loaded = pools.run(2, case_unit_checkpoint, path, "load")
+    for out, placements in loaded:
+        assert placements == (Shard(1),)
+        torch.testing.assert_close(out, saved, rtol=1e-6, atol=1e-6)
