@@ -52,7 +52,7 @@ class _UnitStyle:
     checks see a column / row split)."""
 
     fits = (nn.Linear,)
-    split = "out_features"
+    split: str  # the features split by heads: out_features (column) or in_features (row)
 
     def __init__(self, *, head_dim: int | None = None):
         super().__init__()
@@ -86,11 +86,6 @@ class _UnitStyle:
         width = getattr(module, self.split) // groups  # a group's heads' features
         module._dtp_unit = (mesh.get_local_rank() // (tp // groups) * width, width, tp // groups)
         module.forward = MethodType(self.forward_fn, module)
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    __hash__ = None
 
 
 def _replicated_input(x):
