@@ -21,15 +21,16 @@ INKLING2_AT_FAULT = _fused_gate_up_colwise(getattr(transformers, "Inkling2TextCo
 
 PASS = [  # (model type, tp, why it is here)
     ("gemma", 2, "tied embeddings (transformers' own TP refuses them)"),
-    ("olmoe", 2, "MoE: moe_tp_experts, packed expert weights"),
+    ("olmoe", 2, "MoE (its experts: moe_tp_experts up to transformers 5.24, whole under tp in 5.25)"),
     ("deepseek_v3", 2, "MLA: mla_kv_a_proj, routed and shared experts"),
     ("qwen3_5_text", 2, "hybrid: linear attention's F.conv1d on its child's weight"),
     ("lfm3", 2, "hybrid: short convolutions in decoder layers no entry reaches"),
     ("longcat_flash", 2, "a router calling F.linear on its child's weight"),
     ("qwen3_5_text", 4, "hybrid at tp 4"),
     ("laguna", 2, "a per-head gate (g_proj: one output per head, split by heads)"),
-    ("minicpm5_moe", 2, "unit_colwise key/value projections (transformers 5.25)"),
-] + ([] if INKLING2_AT_FAULT else [("inkling2_text", 2, "its plan as transformers 5.25 fixed it")])
+] + ([] if INKLING2_AT_FAULT else [("inkling2_text", 2, "its plan as transformers 5.25 fixed it")]) + (
+    [("minicpm5_moe", 2, "unit_colwise key/value projections (transformers 5.25)")]
+    if hasattr(transformers, "MiniCPM5MoeConfig") else [])
 AT_FAULT = [
     ("apertus", "module 'model.layers.0.mlp.act_fn' .*alpha_p.*column-parallel"),
     ("doge", "dt_proj.*one per head"),
