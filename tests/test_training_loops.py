@@ -210,21 +210,21 @@ def case_frozen(sp):
     return True
 
 
-def case_ema_copy(sp):
-    model, single = _models(sp)
+def _step_with_ema(model):
+    """A deep copy of model taken before one SGD step, then moved 10% of the way to the stepped weights."""
     ema = copy.deepcopy(model)
     _loss(model(_ids())).backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.mul_(0.9).add_(p, alpha=0.1)
-    single_ema = copy.deepcopy(single)
-    _loss(single(_ids())).backward()
-    torch.optim.SGD(single.parameters(), lr=0.1).step()
-    with torch.no_grad():
-        for e, p in zip(single_ema.parameters(), single.parameters()):
-            e.mul_(0.9).add_(p, alpha=0.1)
-    _same(ema(_ids()), single_ema(_ids()), "EMA model output")
+    return ema
+
+
+def case_ema_copy(sp):
+    model, single = _models(sp)
+    ema = _step_with_ema(model)
+    _same(ema(_ids()), _step_with_ema(single)(_ids()), "EMA model output")
     _loss(ema(_ids())).backward()
     assert all(p.grad is not None for p in ema.parameters()) and all(p.grad is not None for p in model.parameters())
     return True
