@@ -120,7 +120,9 @@ class ColumnLinearFn(torch.autograd.Function):
         x_dtype, x_in = x.dtype, x
         defer_grads = False
         if isinstance(in_dim, DTensorSpec):  # a replicated DTensor input: its local tensor, no to_local node
-            defer_grads = reduced_next(x)  # dX goes straight to dtp's reduction: dW / db may ride along
+            # dX goes straight to dtp's reduction: dW / db may ride along (on one rank there is nothing to overlap, and
+            # dW / db computed at once find their inputs still in cache)
+            defer_grads = axis.size > 1 and reduced_next(x)
             x = x._local_tensor
         if isinstance(in_sizes, Speculation):  # a plain sequence shard: every rank's length rides in the all-gather
             x_full, in_sizes = in_sizes.gather(x, in_dim, axis)
