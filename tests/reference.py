@@ -14,6 +14,27 @@ TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rt
               torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
+def full(t):
+    """A DTensor's full tensor (one all-gather or all-reduce); a plain tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def checkpointed(model, how: str):
+    """model (`model.layers` a list of blocks) with every block under activation checkpointing: torch.utils.checkpoint
+    "reentrant" or "nonreentrant", or torch's checkpoint_wrapper ("wrapper")."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import checkpoint
+
+    for i, block in enumerate(list(model.layers)):
+        if how == "wrapper":
+            model.layers[i] = checkpoint_wrapper(block)
+        else:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=how == "reentrant")
+    return model
+
+
 def rank_world():
     return dist.get_rank(), dist.get_world_size()
 

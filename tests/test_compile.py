@@ -193,20 +193,19 @@ def case_compiled_checkpointing(styles: str):
     """A one-block GPT with each block under torch.utils.checkpoint (non-reentrant), compiled (aot_eager): its
     gradients against one process's, or the AssertionError torch 2.13's AOTAutograd raises here."""
     import copy
-    import functools
 
     import torch.distributed.tensor.parallel as torch_tp
-    from torch.utils.checkpoint import checkpoint
 
     from examples.gpt import GPT, GPTConfig, tp_plan
+
+    from .reference import checkpointed
 
     torch.manual_seed(0)
     single = GPT(GPTConfig(n_layers=1))
     kind = dtp if styles == "dtp" else torch_tp
     model = kind.parallelize_module(copy.deepcopy(single), dtp.default_mesh(), tp_plan(styles=kind))
     for m in (model, single):
-        for block in m.layers:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        checkpointed(m, "nonreentrant")
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     try:

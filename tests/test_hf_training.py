@@ -5,9 +5,10 @@ import copy
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 import dtp
+
+from .reference import full
 
 
 def case_gradient_checkpointing(model_type: str, reentrant: bool):
@@ -29,7 +30,6 @@ def case_gradient_checkpointing(model_type: str, reentrant: bool):
     loss, ref = model(input_ids=ids, labels=ids).loss, single(input_ids=ids, labels=ids).loss
     loss.backward()
     ref.backward()
-    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
     torch.testing.assert_close(full(loss), ref, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), single.parameters()):
         assert (p.grad is None) == (q.grad is None), name

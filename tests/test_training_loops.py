@@ -14,9 +14,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 import dtp
 from examples.gpt import GPT, GPTConfig, tp_plan
 
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+from .reference import checkpointed, full
 
 
 def _models(sp):
@@ -54,20 +52,8 @@ def _same_params(model, single, what, tol=1e-5):
         _same(p, q, f"{what}: {name}", tol)
 
 
-def _checkpointed(model, how):
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    from torch.utils.checkpoint import checkpoint
-
-    for i, block in enumerate(list(model.layers)):
-        if how == "wrapper":
-            model.layers[i] = checkpoint_wrapper(block)
-        else:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=how == "reentrant")
-    return model
-
-
 def case_activation_checkpointing(sp, how):
-    model, single = (_checkpointed(m, how) for m in _models(sp))
+    model, single = (checkpointed(m, how) for m in _models(sp))
     for _ in range(2):  # the second backward accumulates into the first's gradients
         _loss(model(_ids())).backward()
         _loss(single(_ids())).backward()

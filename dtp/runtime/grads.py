@@ -14,8 +14,8 @@
    node where X was made (a `reducing_node`) starts the one all-reduce (a reduce-scatter under SP), runs
    the work, then waits: Megatron's overlap.  A layer defers only on more than one rank (on one there is nothing to
    overlap) and only when its dX goes straight into such a node (`reduced_next`), so nothing (FSDP's post-backward
-   hook, say) reads `.grad` before the work ran; any other
-   op meeting a PartialGrad runs the work first, and work nobody ran runs when the backward pass ends.
+   hook, say) reads `.grad` before the work ran; any other op meeting a PartialGrad runs the work first, and work
+   nobody ran runs when the backward pass ends.
 3. Under create_graph every node computes its gradients by `grads_by_recompute`: its own math again in
    differentiable ops (dtp.runtime.mappings), so second derivatives are exact.
 
