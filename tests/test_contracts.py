@@ -315,20 +315,21 @@ def test_plain_training_step_warns_nothing(pools):
 
 
 class _Shared(nn.Module):
-    """Two parameters whose gradients autograd hands over as one tensor (AddBackward passes dY to both)."""
+    """Two parameters whose gradients autograd hands over as one tensor (AddBackward passes dY to both): a view of a
+    reduction where w + b is broadcast over the batch, the very same fresh tensor where it is not."""
 
-    def __init__(self):
+    def __init__(self, shape):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(4))
-        self.b = nn.Parameter(torch.randn(4))
+        self.w = nn.Parameter(torch.randn(shape))
+        self.b = nn.Parameter(torch.randn(shape))
 
     def forward(self, x):
         return x * 2 + (self.w + self.b)
 
 
-def case_shared_gradients_stay_apart():
+def case_shared_gradients_stay_apart(shape):
     torch.manual_seed(0)
-    single = nn.Sequential(nn.Linear(4, 4), _Shared())
+    single = nn.Sequential(nn.Linear(4, 4), _Shared(shape))
     model = dtp.parallelize_module(copy.deepcopy(single), dtp.default_mesh(), {"0": dtp.ColwiseParallel(
         output_layouts=Replicate())})  # _Shared is left to the plan's default: replicated, run on local tensors
     x = torch.randn(3, 4)
@@ -345,4 +346,5 @@ def case_shared_gradients_stay_apart():
 def test_shared_gradients_stay_apart(pools):
     """A gradient autograd gives to two parameters (or that a hook holds) is copied before it is stored and later
     accumulated in place, as AccumulateGrad does."""
-    assert pools.run(2, case_shared_gradients_stay_apart) == [True, True]
+    for shape in ((4,), (3, 4)):  # broadcast over the batch (dY summed: a view), and not (dY itself)
+        assert pools.run(2, case_shared_gradients_stay_apart, shape) == [True, True], shape

@@ -86,8 +86,13 @@ class _ToLocals(torch.autograd.Function):
     def backward(ctx, *grads):
         if torch.is_grad_enabled():
             return tuple(None if g is None else _FromLocal.apply(g, p._spec, None) for g, p in zip(grads, ctx.params))
-        edges = ctx.next_functions  # each stored directly only if it is ours alone (dtp.runtime.grads.owned)
-        return tuple(hand_over(edges, i, g, p, fresh=False) for i, (g, p) in enumerate(zip(grads, ctx.params)))
+        edges = ctx.next_functions  # each stored directly only if it is ours alone (dtp.runtime.grads.owned) ...
+        seen = [id(g) for g in grads if g is not None]
+        shared = {i for i in seen if seen.count(i) > 1} if len(seen) > 1 else ()  # ... and one tensor handed to
+        # two parameters (AddBackward passes dY to both) is copied for each, as their two AccumulateGrads would
+        return tuple(hand_over(edges, i, g, p, fresh=False) if id(g) not in shared else
+                     hand_over(edges, i, g.clone(memory_format=torch.contiguous_format), p)
+                     for i, (g, p) in enumerate(zip(grads, ctx.params)))
 
 
 @reducing_node

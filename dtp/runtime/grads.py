@@ -72,9 +72,10 @@ def plain_leaf(edges: tuple, index: int, param: torch.Tensor) -> bool:
 
 
 def owned(g: torch.Tensor) -> bool:
-    """Nobody but this backward holds g (no other gradient, hook or view shares it), AccumulateGrad's own test for
-    keeping a gradient without a copy; False where torch does not expose use counts."""
-    return _OWNED_COUNT is not None and not g._is_view() and g._use_count() <= _OWNED_COUNT
+    """Nobody but this backward holds g (no other gradient or hook shares it), AccumulateGrad's own test for keeping
+    a gradient without a copy (a view counts as its own tensor there too: a norm's summed gradient is a view of its
+    reduction); False where torch does not expose use counts."""
+    return _OWNED_COUNT is not None and g._use_count() <= _OWNED_COUNT
 
 
 def _measure_owned_count():
