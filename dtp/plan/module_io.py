@@ -19,7 +19,7 @@ from dtp.runtime.local_shards import Speculation, is_guessed, plain_global_shape
 from dtp.runtime.sharding import same_placement
 from dtp.plan.style import ParallelStyle
 from dtp.runtime.traced import traced_as
-from dtp.runtime.conversions import from_local, spec_of, to_local
+from dtp.runtime.conversions import from_local, from_local_spec, spec_of, to_local
 
 __all__ = ["PrepareModuleInput", "PrepareModuleOutput", "PrepareModuleInputOutput", "prepare_value"]
 
@@ -136,14 +136,39 @@ class PrepareModuleInput(ParallelStyle):
         if set(self.input_kwarg_layouts) != set(self.desired_input_kwarg_layouts):
             raise ValueError("PrepareModuleInput: input_kwarg_layouts and desired_input_kwarg_layouts must name "
                              "the same keyword arguments")
-        self._replicated_one = (self.input_layouts == (Replicate(),) and not self.input_kwarg_layouts
-                                and self.desired_input_layouts in ((Replicate(),), (None,)) and not use_local_output)
+        # the usual case (a transformer block's attention / MLP): plain tensors declared and wanted replicated, the
+        # other inputs passed as they are; per input True (made a replicated DTensor) or False (passed through)
+        self._replicated = None
+        if (self.input_layouts is not None and not self.input_kwarg_layouts and not use_local_output
+                and Replicate() in self.input_layouts
+                and all((d is None and w is None) or (isinstance(d, Replicate) and (w is None or isinstance(w, Replicate)))
+                        for d, w in zip(self.input_layouts, self.desired_input_layouts))):
+            self._replicated = tuple(d is not None for d in self.input_layouts)
+        self._spec = (None, None, None, None)  # the last replicated input's (mesh, shape, dtype, DTensor spec)
+
+    @traced_as(lambda self, module, args: None)  # traced: the general path (DTensor's from_local)
+    def _fast(self, module, args):
+        """args with each declared-replicated plain tensor a replicated DTensor over it (no collective), or None where
+        an input is not a plain tensor (the general path then decides)."""
+        mesh, out = module._dtp_mesh, []
+        for value, replicate in zip(args, self._replicated):
+            if replicate:
+                if type(value) is not torch.Tensor:
+                    return None
+                last_mesh, shape, dtype, spec = self._spec
+                if last_mesh is not mesh or shape != value.shape or dtype != value.dtype:
+                    spec = spec_of(mesh, Replicate(), value.shape, value.dtype)
+                    self._spec = (mesh, value.shape, value.dtype, spec)
+                value = from_local_spec(value, spec)
+            out.append(value)
+        return tuple(out)
 
     def prepare(self, module, args, kwargs):
         """The forward pre-hook: the redistributed (args, kwargs)."""
-        if self._replicated_one and len(args) == 1 and type(args[0]) is torch.Tensor:
-            x = args[0]  # the usual case (a transformer block's attention / MLP): this plain tensor, replicated
-            return (from_local(x, module._dtp_mesh, Replicate(), x.shape),), kwargs
+        if self._replicated is not None and len(args) == len(self._replicated):
+            fast = self._fast(module, args)
+            if fast is not None:
+                return fast, kwargs
         mesh, where = module._dtp_mesh, f"PrepareModuleInput({module._dtp_path!r})"
         if self.input_layouts is not None:
             args = _prepare_all(args, self.input_layouts, self.desired_input_layouts, mesh, self.use_local_output,
