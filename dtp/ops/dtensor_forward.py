@@ -39,6 +39,11 @@ def is_last_dim(p: Placement, ndim: int) -> bool:
     return isinstance(p, Shard) and p.dim % max(ndim, 1) == ndim - 1
 
 
+def _normalized(p: Placement | None, ndim: int) -> Placement | None:
+    """Shard(-1) as Shard(ndim - 1): redistribute wants a dim it can index (torch's styles normalize theirs too)."""
+    return Shard(p.dim % ndim) if isinstance(p, Shard) and p.dim < 0 and ndim else p
+
+
 def dtensor_forward(fn: Callable, x, mesh: DeviceMesh, input_layout: Placement, desired: Placement,
                     output_layout: Placement | None, use_local_output: bool, global_shape=None,
                     where: str = "a tensor-parallel layer"):
@@ -47,17 +52,20 @@ def dtensor_forward(fn: Callable, x, mesh: DeviceMesh, input_layout: Placement, 
     if isinstance(x, DTensor) and not is_compiling() and is_guessed(x):  # an SP output of a plain shard
         input_layout, x = x.placements[0], to_local(x)
     if not isinstance(x, DTensor):  # a plain Shard: its global shape asked of every rank (torch assumes even)
+        input_layout = _normalized(input_layout, x.dim())
         if global_shape is not None:
             x = from_local(x, mesh, input_layout, global_shape)
         else:
             shape = plain_global_shape(x, mesh, input_layout, where)
             x = DTensor.from_local(x, mesh, [input_layout], run_check=False, shape=shape,
                                    stride=contiguous_stride(shape))
+    desired = _normalized(desired, x.dim())
     if x.placements != (desired,):
         x = x.redistribute(mesh, [desired])
     y = fn(x)
     if not isinstance(y, DTensor):
         return y
+    output_layout = _normalized(output_layout, y.dim())
     if output_layout is not None and y.placements != (output_layout,):
         y = y.redistribute(mesh, [output_layout])
     return to_local(y) if use_local_output else y

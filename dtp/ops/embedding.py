@@ -51,6 +51,22 @@ def check_ids(ids: torch.Tensor, vocab: int, what: str) -> None:
                              f"(ids range over [{lo}, {hi}])")
 
 
+def _laid_out(weight, placement: Placement) -> bool:
+    """weight is a DTensor on a 1-D mesh laid out as placement (what the split lookups read through its local tensor)."""
+    return isinstance(weight, DTensor) and weight._spec.placements == (placement,)
+
+
+def _dtensor_embedding(ids, weight, padding_idx, output_layout, use_local_output, what: str):
+    """E[ids] by DTensor's own embedding, for a weight in a layout the split lookups do not read (a `functional_call`
+    with replicated parameters, say), as torch's styles compute it; the output redistributed to output_layout."""
+    if not isinstance(weight, DTensor):
+        raise TypeError(f"{what}: weight must be a DTensor (a parameter of the split model), got a plain "
+                        f"{type(weight).__name__} of shape {tuple(weight.shape)}")
+    ids = _replicated_ids(ids, what)
+    return dtensor_forward(lambda t: F.embedding(t, weight, padding_idx), ids, weight.device_mesh, Replicate(),
+                           Replicate(), output_layout, use_local_output, where=what)
+
+
 def _vocab_rows(ids, weight: DTensor, padding_idx, output_layout, use_local_output, traced: bool):
     """The vocab-parallel lookup; its partial sums reduced by dtp's collectives, or by DTensor's when traced."""
     ids = _replicated_ids(ids, "vocab_parallel_embedding")
@@ -101,6 +117,9 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
                              output_layout: Placement | None = None, use_local_output: bool = True):
     """Y = Σ_ranks E_r[ids] with E split by vocab rows (Shard(0)), ids outside a rank's rows giving 0;
     forward all-reduce (Replicate) or reduce-scatter onto dim d (Shard(d)), backward none (all-gather if scattered)."""
+    if not _laid_out(weight, Shard(0)):
+        return _dtensor_embedding(ids, weight, padding_idx, output_layout or Replicate(), use_local_output,
+                                  "vocab_parallel_embedding")
     return _vocab_rows(ids, weight, padding_idx, output_layout, use_local_output, traced=False)
 
 
@@ -115,6 +134,9 @@ def _traced_column_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
 def column_embedding(ids, weight: DTensor, *, padding_idx: int | None = None, gather_output: bool = False,
                      use_local_output: bool = True):
     """Y = E[ids] with E split by embedding dim (Shard(1)); forward all-gather if gather_output, else none."""
+    if not _laid_out(weight, Shard(1)):
+        return _dtensor_embedding(ids, weight, padding_idx, Replicate() if gather_output else Shard(-1),
+                                  use_local_output, "column_embedding")
     ids = _replicated_ids(ids, "column_embedding")
     mesh = weight.device_mesh
     check_ids(ids, weight.shape[0], "column_embedding")

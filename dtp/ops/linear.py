@@ -44,6 +44,30 @@ def _check_input(x, name: str) -> None:
         raise TypeError(f"{name}: input must be a torch.Tensor or DTensor, got {type(x).__name__}")
 
 
+_NO_BIAS = object()  # the bias "spec" of a layer without one
+
+
+class _ParamLayout:
+    """Whether a call's weight and bias are DTensors in the layout the fused functions read through their local tensors
+    (the layer's own parameters are; a `functional_call` may pass others): checked in full once per spec object."""
+
+    __slots__ = ("weight", "bias", "seen")
+
+    def __init__(self, weight: Placement, bias: Placement):
+        self.weight, self.bias, self.seen = (weight,), (bias,), (None, None)
+
+    def holds(self, weight, bias) -> bool:
+        spec, bias_spec = getattr(weight, "_spec", None), _NO_BIAS if bias is None else getattr(bias, "_spec", None)
+        seen = self.seen
+        if spec is seen[0] and bias_spec is seen[1] and spec is not None:
+            return True
+        ok = (isinstance(weight, DTensor) and weight._spec.placements == self.weight
+              and (bias is None or (isinstance(bias, DTensor) and bias._spec.placements == self.bias)))
+        if ok:
+            self.seen = (spec, bias_spec)
+        return ok
+
+
 def _declared(x, layout: Placement) -> Placement:
     """x's actual placement if it is a DTensor, else the layout declared for a plain tensor."""
     return x.placements[-1] if isinstance(x, DTensor) else layout
@@ -74,11 +98,16 @@ class ColumnForward:
         self.fast = (use_local_output and isinstance(self.input_layout, Replicate)
                      and (self.gather or self.output_layout == Shard(-1)))
         self._seen = (None, None)  # the last replicated input's spec and its Partial twin (dX's spec)
+        self._params = _ParamLayout(Shard(0), Shard(0))
         self._speculation = {}  # input dim -> the sizes a plain sequence shard had last (dtp.runtime.local_shards)
 
     @traced_as(lambda self, x, weight, bias: _traced_column(x, weight, bias, self.input_layout, self.output_layout,
                                                             self.use_local_output, self.name))
     def __call__(self, x, weight, bias):
+        if not self._params.holds(weight, bias):  # parameters in another layout (or plain): torch's semantics
+            _check_input(x, self.name)
+            return dtensor_forward(lambda t: F.linear(t, weight, bias), x, self.axis.mesh, _declared(x, self.input_layout),
+                                   Replicate(), self.output_layout, self.use_local_output, where=self.name)
         if self.fast and x.shape[-1] == self.in_features:  # the hot path: layout known, nothing to check
             if type(x) is torch.Tensor:
                 return _column(x, weight, bias, self.axis, None, None, self.out_sizes)
@@ -120,12 +149,12 @@ class ColumnForward:
                            y.shape[:-1] + (self.out_features,))
 
 
-def _traced_row(x, weight, bias, input_layout, output_layout, use_local_output, name):
+def _traced_row(x, weight, bias, input_layout, output_layout, use_local_output, name, mesh=None):
     _check_input(x, name)
     ndim, declared = x.dim(), _declared(x, input_layout)
     shape = None if isinstance(x, DTensor) or not is_last_dim(declared, ndim) else x.shape[:-1] + (weight.shape[1],)
-    return dtensor_forward(lambda t: F.linear(t, weight, bias), x, weight.device_mesh, declared, Shard(ndim - 1),
-                           output_layout, use_local_output, global_shape=shape)
+    return dtensor_forward(lambda t: F.linear(t, weight, bias), x, weight.device_mesh if mesh is None else mesh,
+                           declared, Shard(ndim - 1), output_layout, use_local_output, global_shape=shape)
 
 
 class RowForward:
@@ -144,10 +173,14 @@ class RowForward:
         self.expected = in_features if self.split_input else self.in_sizes[self.axis.rank]
         self.fast = (use_local_output and isinstance(self.output_layout, Replicate)
                      and (self.split_input or self.input_layout == Shard(-1)))
+        self._params = _ParamLayout(Shard(1), Replicate())
 
     @traced_as(lambda self, x, weight, bias: _traced_row(x, weight, bias, self.input_layout, self.output_layout,
                                                          self.use_local_output, self.name))
     def __call__(self, x, weight, bias):
+        if not self._params.holds(weight, bias):  # parameters in another layout (or plain): torch's semantics
+            return _traced_row(x, weight, bias, self.input_layout, self.output_layout, self.use_local_output,
+                               self.name, self.axis.mesh)
         if self.fast and type(x) is torch.Tensor and x.shape[-1] == self.expected:  # the hot path
             return _row(x, weight, bias, self.axis, self.in_sizes, self.split_input, None)
         _check_input(x, self.name)
