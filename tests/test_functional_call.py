@@ -68,3 +68,25 @@ def case_plain_parameters():
 def test_functional_call_with_plain_parameters_is_refused(pools):
     for message in pools.run(2, case_plain_parameters):
         assert "DTensor" in message, message
+
+
+def case_expert_parameters_in_another_layout():
+    """Experts compute on this rank's shard of their own weights: replicated ones are refused by name (not run as
+    if they were this rank's experts, which gave wrong logits); the model's own parameters give its own result."""
+    from tests.moe_model import MoEModel, ep_plan
+
+    torch.manual_seed(0)
+    single = MoEModel(num_experts=4, top_k=2, layers=1)
+    model = dtp.parallelize_module(copy.deepcopy(single), dtp.default_mesh(), ep_plan(input_layouts=Replicate()))
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    assert_close(full(functional_call(model, dict(model.named_parameters()), (ids,))), single(ids), "own parameters")
+    try:
+        functional_call(model, _replicated(model), (ids,))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_expert_parameters_in_another_layout_are_refused(pools):
+    for message in pools.run(2, case_expert_parameters_in_another_layout):
+        assert "ExpertParallel(" in message and "'w1'" in message and "Replicate" in message, message

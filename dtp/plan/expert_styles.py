@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from dtp.mesh import check_member, common_root
 from dtp.ops.expert_dispatch import expert_parallel
 from dtp.ops.local_forward import local_forward
+from dtp.plan.own_layout import check_own_layout
 from dtp.plan.style import ParallelStyle
 from dtp.runtime.collectives import axis_of
 from dtp.runtime.mappings import copy_to, reduce_from
@@ -87,6 +88,7 @@ def _plain(x):
 
 
 def _experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+    check_own_layout(self)
     style = self._dtp_style
     axis = axis_of(self._dtp_mesh)
     batch_axis = axis if isinstance(style.input_layouts, Replicate) else (
@@ -110,6 +112,8 @@ class ExpertParallel(ParallelStyle):
     tp_mesh: a smaller group of ranks of the mesh that share one batch (transformers' ep > tp layout): the tokens
     are sliced over it before the dispatch and gathered after.
     """
+
+    reads_own_shards = True  # its forward runs this rank's experts: dtp.plan.own_layout checks their layout
 
     def __init__(self, *, input_layouts=Shard(0), tp_mesh=None):
         if not (isinstance(input_layouts, Replicate) or input_layouts == Shard(0)):

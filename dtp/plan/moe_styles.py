@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from dtp.ops.local_forward import local_forward
 from dtp.plan.module_io import PrepareModuleOutput
+from dtp.plan.own_layout import check_own_layout
 from dtp.plan.style import ParallelStyle
 from dtp.runtime.collectives import axis_of
 from dtp.runtime.conversions import to_local
@@ -40,6 +41,7 @@ def _replicated_local(value, axis):
 
 
 def _experts_forward(self, hidden_states, *routing, **kwargs):
+    check_own_layout(self)
     axis = axis_of(self._dtp_mesh)
     hidden_states = _replicated_local(hidden_states, axis)
     if len(routing) >= 2:  # (top_k_index, top_k_weights, ...): the weights' gradient is summed over the ranks too
@@ -52,6 +54,8 @@ class MoeExpertsParallel(ParallelStyle):
     """Y = Σ_ranks experts_r(X, routing) with every expert's weights split by the plan's parameter entries; forward
     all-reduce of Y, backward all-reduce of dX and of the routing weights' gradient."""
 
+    reads_own_shards = True  # runs on this rank's shard of every expert: dtp.plan.own_layout checks their layout
+
     def _apply(self, module, mesh) -> None:
         module.forward = MethodType(_experts_forward, module)
 
@@ -62,6 +66,7 @@ def _owns_shards(module) -> bool:
 
 
 def _all_reduce_forward(self, *args, **kwargs):
+    check_own_layout(self)
     if not _owns_shards(self):  # its children are split (rowwise leaves a partial sum): redistribute the output
         return self._dtp_style.output.prepare(self, type(self).forward(self, *args, **kwargs))
     axis = axis_of(self._dtp_mesh)
@@ -74,6 +79,8 @@ def _all_reduce_forward(self, *args, **kwargs):
 class AllReduceParallel(ParallelStyle):
     """Y = Σ_ranks module_r(X, ...): forward all-reduce of Y; on the module's own split parameters (shared experts'
     stacked weights) it runs on their shards and backward all-reduces every floating input's gradient (copy_to)."""
+
+    reads_own_shards = True  # where it owns split parameters it runs on their shards: dtp.plan.own_layout checks them
 
     def __init__(self):
         self.output = PrepareModuleOutput(output_layouts=Partial(), desired_output_layouts=Replicate())

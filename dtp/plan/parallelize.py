@@ -23,6 +23,7 @@ from dtp.plan.adapters import plan_for_adapters
 from dtp.plan.heads import HEAD_ATTRIBUTES, check_whole_heads
 from dtp.plan.plan_values import style_of
 from dtp.plan.mistakes import check_fused_gate_up, check_head_indexed_rowwise, watch_uncovered_parameters
+from dtp.plan.own_layout import record_own_layouts
 from dtp.plan.hf_plans import ShardParameter, hf_parameter_placement
 from dtp.plan.moe_styles import MlaKvAProjParallel
 from dtp.mesh import tp_submesh
@@ -165,6 +166,7 @@ def parallelize_module(module: nn.Module, device_mesh: DeviceMesh | None = None,
     if replicate_rest:
         replicate_remaining_(module, mesh)
     _retie(tied)
+    record_own_layouts(module)
     watch_uncovered_parameters(module)
     if validate:
         check_replicas(module)
