@@ -73,12 +73,12 @@ def _declared(x, layout: Placement) -> Placement:
     return x.placements[-1] if isinstance(x, DTensor) else layout
 
 
-def _traced_column(x, weight, bias, input_layout, output_layout, use_local_output, name):
+def _traced_column(x, weight, bias, input_layout, output_layout, use_local_output, name, mesh=None):
     _check_input(x, name)
     if x.shape[-1] != weight.shape[1]:
         raise _width_error(name, x.shape[-1], weight.shape[1], weight.shape[1], "the full input")
-    return dtensor_forward(lambda t: F.linear(t, weight, bias), x, weight.device_mesh, _declared(x, input_layout),
-                           Replicate(), output_layout, use_local_output)
+    return dtensor_forward(lambda t: F.linear(t, weight, bias), x, weight.device_mesh if mesh is None else mesh,
+                           _declared(x, input_layout), Replicate(), output_layout, use_local_output, where=name)
 
 
 class ColumnForward:
@@ -105,9 +105,8 @@ class ColumnForward:
                                                             self.use_local_output, self.name))
     def __call__(self, x, weight, bias):
         if not self._params.holds(weight, bias):  # parameters in another layout (or plain): torch's semantics
-            _check_input(x, self.name)
-            return dtensor_forward(lambda t: F.linear(t, weight, bias), x, self.axis.mesh, _declared(x, self.input_layout),
-                                   Replicate(), self.output_layout, self.use_local_output, where=self.name)
+            return _traced_column(x, weight, bias, self.input_layout, self.output_layout, self.use_local_output,
+                                  self.name, self.axis.mesh)
         if self.fast and x.shape[-1] == self.in_features:  # the hot path: layout known, nothing to check
             if type(x) is torch.Tensor:
                 return _column(x, weight, bias, self.axis, None, None, self.out_sizes)
