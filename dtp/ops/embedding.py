@@ -14,7 +14,7 @@ from dtp.runtime.mappings import gather_from, reduce_from, sequence_scatter
 from dtp.runtime.traced import traced_as
 from dtp.runtime.conversions import to_local
 from dtp.runtime.local_shards import plain_global_shape
-from dtp.runtime.sharding import contiguous_stride
+from dtp.runtime.sharding import contiguous_stride, laid_out
 
 __all__ = ["vocab_parallel_embedding", "column_embedding", "check_ids", "replicated_ids", "OwnVocabLookup"]
 
@@ -49,11 +49,6 @@ def check_ids(ids: torch.Tensor, vocab: int, what: str) -> None:
             bad = lo if lo < 0 else hi
             raise IndexError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab}) "
                              f"(ids range over [{lo}, {hi}])")
-
-
-def _laid_out(weight, placement: Placement) -> bool:
-    """weight is a DTensor on a 1-D mesh laid out as placement (what the split lookups read through its local tensor)."""
-    return isinstance(weight, DTensor) and weight._spec.placements == (placement,)
 
 
 def _dtensor_embedding(ids, weight, padding_idx, output_layout, use_local_output, what: str):
@@ -117,7 +112,7 @@ def vocab_parallel_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
                              output_layout: Placement | None = None, use_local_output: bool = True):
     """Y = Σ_ranks E_r[ids] with E split by vocab rows (Shard(0)), ids outside a rank's rows giving 0;
     forward all-reduce (Replicate) or reduce-scatter onto dim d (Shard(d)), backward none (all-gather if scattered)."""
-    if not _laid_out(weight, Shard(0)):
+    if not laid_out(weight, Shard(0)):
         return _dtensor_embedding(ids, weight, padding_idx, output_layout or Replicate(), use_local_output,
                                   "vocab_parallel_embedding")
     return _vocab_rows(ids, weight, padding_idx, output_layout, use_local_output, traced=False)
@@ -134,7 +129,7 @@ def _traced_column_embedding(ids, weight: DTensor, *, padding_idx: int | None = 
 def column_embedding(ids, weight: DTensor, *, padding_idx: int | None = None, gather_output: bool = False,
                      use_local_output: bool = True):
     """Y = E[ids] with E split by embedding dim (Shard(1)); forward all-gather if gather_output, else none."""
-    if not _laid_out(weight, Shard(1)):
+    if not laid_out(weight, Shard(1)):
         return _dtensor_embedding(ids, weight, padding_idx, Replicate() if gather_output else Shard(-1),
                                   use_local_output, "column_embedding")
     ids = _replicated_ids(ids, "column_embedding")

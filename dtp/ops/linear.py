@@ -25,6 +25,7 @@ from dtp.runtime.apply import direct_apply
 from dtp.runtime.collectives import axis_of, chunk_sizes
 from dtp.runtime.conversions import partial_spec
 from dtp.runtime.local_shards import Speculation, is_guessed
+from dtp.runtime.sharding import laid_out
 from dtp.runtime.traced import traced_as
 
 __all__ = ["ColumnForward", "RowForward", "column_linear", "row_linear"]
@@ -54,15 +55,14 @@ class _ParamLayout:
     __slots__ = ("weight", "bias", "seen")
 
     def __init__(self, weight: Placement, bias: Placement):
-        self.weight, self.bias, self.seen = (weight,), (bias,), (None, None)
+        self.weight, self.bias, self.seen = weight, bias, (None, None)
 
     def holds(self, weight, bias) -> bool:
         spec, bias_spec = getattr(weight, "_spec", None), _NO_BIAS if bias is None else getattr(bias, "_spec", None)
         seen = self.seen
         if spec is seen[0] and bias_spec is seen[1] and spec is not None:
             return True
-        ok = (isinstance(weight, DTensor) and weight._spec.placements == self.weight
-              and (bias is None or (isinstance(bias, DTensor) and bias._spec.placements == self.bias)))
+        ok = laid_out(weight, self.weight) and (bias is None or laid_out(bias, self.bias))
         if ok:
             self.seen = (spec, bias_spec)
         return ok

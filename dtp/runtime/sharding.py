@@ -16,7 +16,8 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from dtp.runtime.collectives import chunk_offset, chunk_sizes
 
-__all__ = ["contiguous_stride", "local_slice", "local_shape", "same_placement", "shard_parameter", "broadcast_from"]
+__all__ = ["contiguous_stride", "local_slice", "local_shape", "same_placement", "laid_out", "shard_parameter",
+           "broadcast_from"]
 
 
 def contiguous_stride(shape) -> tuple[int, ...]:
@@ -50,6 +51,11 @@ def same_placement(a: Placement, b: Placement, ndim: int) -> bool:
     if isinstance(a, Shard) and isinstance(b, Shard):
         return a.dim % max(ndim, 1) == b.dim % max(ndim, 1)
     return a == b
+
+
+def laid_out(t, placement: Placement) -> bool:
+    """t is a DTensor on a 1-D mesh laid out as placement (what dtp's split ops read through its local tensor)."""
+    return isinstance(t, DTensor) and t._spec.placements == (placement,)
 
 
 def shard_parameter(full: torch.Tensor, mesh: DeviceMesh, placement: Placement, *,
