@@ -1,0 +1,158 @@
+"""More everyday autograd in training loops, on the same dtp GPT as test_training_loops, against one process: two
+forwards summed into one loss, a block applied twice (its weights read twice in one graph), tensor hooks on
+parameters, a non-scalar backward(gradient=), anomaly mode, an optimizer stepped from post-accumulate-grad hooks,
+a model cast to float64 after its plan, gradients scaled in place between two backwards, requires_grad_ switched
+off and on, and training on from a load_state_dict round trip."""
+
+import copy
+
+import pytest
+import torch
+
+from .reference import full
+from .test_training_loops import _ids, _loss, _models, _same, _same_grads
+
+
+def _both(model, single, step):
+    for m in (model, single):
+        step(m)
+
+
+def case_two_forwards(sp):
+    model, single = _models(sp)
+    _both(model, single, lambda m: (_loss(m(_ids())) + _loss(m(torch.flip(_ids(), (1,))))).backward())
+    _same_grads(model, single, "two forwards, one backward")
+    return True
+
+
+def _twice(block):
+    once = block.forward
+    block.forward = lambda x, *args, **kwargs: once(once(x, *args, **kwargs), *args, **kwargs)
+
+
+def case_block_applied_twice(sp):
+    model, single = _models(sp)
+    for m in (model, single):
+        _twice(m.layers[0])
+        _loss(m(_ids())).backward()
+        _loss(m(_ids())).backward()  # and accumulated over a second backward
+    _same_grads(model, single, "a block applied twice")
+    return True
+
+
+def case_tensor_hooks(sp):
+    model, single = _models(sp)
+    for m in (model, single):
+        for name, p in m.named_parameters():
+            if name.endswith("weight"):
+                p.register_hook(lambda g: g * 3)
+        _loss(m(_ids())).backward()
+    _same_grads(model, single, "gradients tripled by tensor hooks")
+    return True
+
+
+def case_nonscalar_backward(sp):
+    model, single = _models(sp)
+    for m in (model, single):
+        out = full(m(_ids()))
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    _same_grads(model, single, "backward(gradient=)")
+    return True
+
+
+def case_anomaly_mode(sp):
+    """check_nan=False: torch's DTensor has no rule for the NaN check's aten._is_any_true on torch 2.13 (torch's TP
+    fails the same way; torchtitan's workaround), but anomaly mode's forward traces are kept."""
+    model, single = _models(sp)
+    with torch.autograd.detect_anomaly(check_nan=False):
+        _both(model, single, lambda m: _loss(m(_ids())).backward())
+    _same_grads(model, single, "under detect_anomaly")
+    return True
+
+
+def case_optimizer_in_backward(sp):
+    model, single = _models(sp)
+    for m in (model, single):
+        opts = {p: torch.optim.SGD([p], lr=0.1, momentum=0.9) for p in m.parameters()}
+        for p in m.parameters():
+            p.register_post_accumulate_grad_hook(lambda p, opts=opts: (opts[p].step(), opts[p].zero_grad()) and None)
+        for seed in range(3):
+            _loss(m((_ids() + seed) % 96)).backward()
+        assert all(p.grad is None for p in m.parameters())
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        _same(p, q, f"stepped in backward: {name}")
+    return True
+
+
+def case_float64_after_plan(sp):
+    model, single = (m.double() for m in _models(sp))
+    _both(model, single, lambda m: _loss(m(_ids())).backward())
+    assert all(p.dtype == p.grad.dtype == torch.float64 for p in model.parameters())
+    _same_grads(model, single, "a float64 model", tol=1e-10)
+    return True
+
+
+def case_scaled_between_backwards(sp):
+    model, single = _models(sp)
+    for m in (model, single):
+        _loss(m(_ids())).backward()
+        held = [p.grad for p in m.parameters()]
+        for g in held:
+            g.mul_(0.5)
+        _loss(m(torch.flip(_ids(), (0,)))).backward()
+        assert all(h is p.grad for h, p in zip(held, m.parameters())), "a held .grad was replaced"
+    _same_grads(model, single, "halved, then accumulated")
+    return True
+
+
+def case_requires_grad_toggled(sp):
+    model, single = _models(sp)
+    for m in (model, single):
+        m.requires_grad_(False)
+        assert m(_ids()).requires_grad is False
+        m.requires_grad_(True)
+        _loss(m(_ids())).backward()
+    _same_grads(model, single, "frozen, then trained")
+    return True
+
+
+def case_load_state_dict_then_train(sp):
+    model, single = _models(sp)
+    trained = copy.deepcopy(model)
+    _loss(trained(_ids())).backward()
+    torch.optim.SGD(trained.parameters(), lr=0.1).step()
+    _loss(single(_ids())).backward()
+    torch.optim.SGD(single.parameters(), lr=0.1).step()
+    model.load_state_dict(trained.state_dict())
+    single.zero_grad()
+    _both(model, single, lambda m: _loss(m(_ids())).backward())
+    _same_grads(model, single, "trained on after load_state_dict")
+    return True
+
+
+CASES = {"two-forwards": case_two_forwards, "block-applied-twice": case_block_applied_twice,
+         "tensor-hooks": case_tensor_hooks, "nonscalar-backward": case_nonscalar_backward,
+         "anomaly-mode": case_anomaly_mode, "optimizer-in-backward": case_optimizer_in_backward,
+         "float64-after-plan": case_float64_after_plan, "scaled-between-backwards": case_scaled_between_backwards,
+         "requires-grad-toggled": case_requires_grad_toggled, "load-state-dict-then-train": case_load_state_dict_then_train}
+
+
+def case_all(sp):
+    """Every case on this rank: {name: True or the failure's text}, so one failing case does not hide the others."""
+    out = {}
+    for name, case in CASES.items():
+        torch.manual_seed(0)
+        try:
+            out[name] = case(sp)
+        except Exception as exc:  # reported, per case, by the test below
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
+def test_more_autograd_patterns_match_one_process(pools, sp):
+    """Each pattern gives one process's gradients (or parameters), on both ranks."""
+    for rank, results in enumerate(pools.run(2, case_all, sp)):
+        failed = {name: r for name, r in results.items() if r is not True}
+        assert not failed, f"rank {rank}: {failed}"
+        assert set(results) == set(CASES)
