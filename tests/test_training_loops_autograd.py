@@ -2,7 +2,7 @@
 forwards summed into one loss, a block applied twice (its weights read twice in one graph), tensor hooks on
 parameters, a non-scalar backward(gradient=), anomaly mode, an optimizer stepped from post-accumulate-grad hooks,
 a model cast to float64 after its plan, gradients scaled in place between two backwards, requires_grad_ switched
-off and on, and training on from a load_state_dict round trip."""
+off and on, training on from a load_state_dict round trip, and Nesterov SGD, fused Adam and LBFGS."""
 
 import copy
 
@@ -130,11 +130,37 @@ def case_load_state_dict_then_train(sp):
     return True
 
 
+def _optimizers(params):
+    return {"SGD nesterov": torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+            "fused Adam": torch.optim.Adam(params, lr=1e-2, fused=True),
+            "LBFGS": torch.optim.LBFGS(params, lr=0.1, max_iter=3)}
+
+
+def case_other_optimizers(sp):
+    """Nesterov SGD, fused Adam (one kernel over every parameter; torch's TP, whose norms stay plain, meets "mixed
+    torch.Tensor and DTensor" there) and LBFGS (a closure; it concatenates every gradient)."""
+    for name in _optimizers([torch.zeros(1, requires_grad=True)]):
+        model, single = _models(sp)
+        for m in (model, single):
+            opt = _optimizers(list(m.parameters()))[name]
+            for seed in range(2):
+                def closure(m=m, opt=opt, seed=seed):
+                    opt.zero_grad()
+                    loss = _loss(m((_ids() + seed) % 96))
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+        for (pname, p), q in zip(model.named_parameters(), single.parameters()):  # Adam: g / sqrt(v) of tiny g
+            _same(p, q, f"{name}: {pname}", tol=1e-3 if "Adam" in name else 1e-5)
+    return True
+
+
 CASES = {"two-forwards": case_two_forwards, "block-applied-twice": case_block_applied_twice,
          "tensor-hooks": case_tensor_hooks, "nonscalar-backward": case_nonscalar_backward,
          "anomaly-mode": case_anomaly_mode, "optimizer-in-backward": case_optimizer_in_backward,
          "float64-after-plan": case_float64_after_plan, "scaled-between-backwards": case_scaled_between_backwards,
-         "requires-grad-toggled": case_requires_grad_toggled, "load-state-dict-then-train": case_load_state_dict_then_train}
+         "requires-grad-toggled": case_requires_grad_toggled, "load-state-dict-then-train": case_load_state_dict_then_train,
+         "other-optimizers": case_other_optimizers}
 
 
 def case_all(sp):
