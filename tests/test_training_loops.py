@@ -225,25 +225,34 @@ CASES = {"checkpoint-nonreentrant": functools.partial(case_activation_checkpoint
          "partial-backward": case_partial_backward, "frozen": case_frozen, "ema-copy": case_ema_copy}
 
 
-def case_all(sp):
-    """Every case on this rank: {name: True or the failure's text}, so one failing case does not hide the others."""
-    torch.manual_seed(0)
+def run_cases(cases: dict, sp) -> dict:
+    """Every case on this rank, each from seed 0: {name: True or the failure's text}, so one failing case does not
+    hide the others."""
     out = {}
-    for name, case in CASES.items():
+    for name, case in cases.items():
+        torch.manual_seed(0)
         try:
             out[name] = case(sp)
-        except Exception as exc:  # reported, per case, by the test below
+        except Exception as exc:  # reported, per case, by assert_all_passed
             out[name] = f"{type(exc).__name__}: {exc}"
     return out
+
+
+def assert_all_passed(per_rank: list, cases: dict) -> None:
+    for rank, results in enumerate(per_rank):
+        failed = {name: r for name, r in results.items() if r is not True}
+        assert not failed, f"rank {rank}: {failed}"
+        assert set(results) == set(cases)
+
+
+def case_all(sp):
+    return run_cases(CASES, sp)
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_training_loop_patterns_match_one_process(pools, sp):
     """Each pattern gives one process's outputs, gradients and parameters, on both ranks."""
-    for rank, results in enumerate(pools.run(2, case_all, sp)):
-        failed = {name: r for name, r in results.items() if r is not True}
-        assert not failed, f"rank {rank}: {failed}"
-        assert set(results) == set(CASES)
+    assert_all_passed(pools.run(2, case_all, sp), CASES)
 
 
 def test_norm_of_a_partial_tensor_by_torch_version(pools):

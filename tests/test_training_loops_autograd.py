@@ -8,9 +8,40 @@ import copy
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+import dtp
 
 from .reference import full
-from .test_training_loops import _ids, _loss, _models, _same, _same_grads
+from .test_training_loops import _ids, _loss, _models, _same, _same_grads, assert_all_passed, run_cases
+
+
+def partial_scaling_is_exact() -> bool:
+    """torch's DTensor scales a Partial (sum) tensor in place exactly (torch 2.7's does not, so SGD's momentum or a
+    gradient scaled in place is off on SP norms' Partial gradients, under torch's TP as under dtp's)."""
+    mesh = dtp.default_mesh()
+    local = torch.arange(4.0) + mesh.get_local_rank()
+    partial = DTensor.from_local(local, mesh, [Partial()], run_check=False)
+    whole = partial.full_tensor()
+    return torch.allclose(full(partial.mul_(0.5)), whole * 0.5)
+
+
+def dot_has_a_rule() -> bool:
+    """torch's DTensor has a sharding rule for aten.dot (torch 2.7's has none: LBFGS cannot run on DTensors there)."""
+    mesh = dtp.default_mesh()
+    v = DTensor.from_local(torch.ones(2), mesh, [Shard(0)], run_check=False)
+    try:
+        torch.dot(v, v)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _summed(params, exact: bool):
+    """Where torch scales Partial tensors wrongly, the README's workaround: sum the Partial gradients first."""
+    for p in params:
+        if not exact and isinstance(p.grad, DTensor) and p.grad.placements == (Partial(),):
+            p.grad = p.grad.redistribute(p.grad.device_mesh, [Replicate()])
 
 
 def _both(model, single, step):
@@ -72,10 +103,12 @@ def case_anomaly_mode(sp):
 
 def case_optimizer_in_backward(sp):
     model, single = _models(sp)
+    exact = partial_scaling_is_exact()
     for m in (model, single):
         opts = {p: torch.optim.SGD([p], lr=0.1, momentum=0.9) for p in m.parameters()}
         for p in m.parameters():
-            p.register_post_accumulate_grad_hook(lambda p, opts=opts: (opts[p].step(), opts[p].zero_grad()) and None)
+            p.register_post_accumulate_grad_hook(
+                lambda p, opts=opts: (_summed([p], exact), opts[p].step(), opts[p].zero_grad()) and None)
         for seed in range(3):
             _loss(m((_ids() + seed) % 96)).backward()
         assert all(p.grad is None for p in m.parameters())
@@ -94,8 +127,10 @@ def case_float64_after_plan(sp):
 
 def case_scaled_between_backwards(sp):
     model, single = _models(sp)
+    exact = partial_scaling_is_exact()
     for m in (model, single):
         _loss(m(_ids())).backward()
+        _summed(m.parameters(), exact)
         held = [p.grad for p in m.parameters()]
         for g in held:
             g.mul_(0.5)
@@ -130,24 +165,28 @@ def case_load_state_dict_then_train(sp):
     return True
 
 
-def _optimizers(params):
-    return {"SGD nesterov": torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
-            "fused Adam": torch.optim.Adam(params, lr=1e-2, fused=True),
-            "LBFGS": torch.optim.LBFGS(params, lr=0.1, max_iter=3)}
+def _optimizers(params, lbfgs: bool = True):
+    chosen = {"SGD nesterov": torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+              "fused Adam": torch.optim.Adam(params, lr=1e-2, fused=True)}
+    if lbfgs:
+        chosen["LBFGS"] = torch.optim.LBFGS(params, lr=0.1, max_iter=3)
+    return chosen
 
 
 def case_other_optimizers(sp):
     """Nesterov SGD, fused Adam (one kernel over every parameter; torch's TP, whose norms stay plain, meets "mixed
-    torch.Tensor and DTensor" there) and LBFGS (a closure; it concatenates every gradient)."""
-    for name in _optimizers([torch.zeros(1, requires_grad=True)]):
+    torch.Tensor and DTensor" there) and LBFGS (a closure; it concatenates every gradient; where torch has a DTensor dot)."""
+    exact, lbfgs = partial_scaling_is_exact(), dot_has_a_rule()
+    for name in _optimizers([torch.zeros(1, requires_grad=True)], lbfgs):
         model, single = _models(sp)
         for m in (model, single):
-            opt = _optimizers(list(m.parameters()))[name]
+            opt = _optimizers(list(m.parameters()), lbfgs)[name]
             for seed in range(2):
                 def closure(m=m, opt=opt, seed=seed):
                     opt.zero_grad()
                     loss = _loss(m((_ids() + seed) % 96))
                     loss.backward()
+                    _summed(m.parameters(), exact)
                     return loss
                 opt.step(closure)
         for (pname, p), q in zip(model.named_parameters(), single.parameters()):  # Adam: g / sqrt(v) of tiny g
@@ -164,21 +203,20 @@ CASES = {"two-forwards": case_two_forwards, "block-applied-twice": case_block_ap
 
 
 def case_all(sp):
-    """Every case on this rank: {name: True or the failure's text}, so one failing case does not hide the others."""
-    out = {}
-    for name, case in CASES.items():
-        torch.manual_seed(0)
-        try:
-            out[name] = case(sp)
-        except Exception as exc:  # reported, per case, by the test below
-            out[name] = f"{type(exc).__name__}: {exc}"
-    return out
+    return run_cases(CASES, sp)
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_more_autograd_patterns_match_one_process(pools, sp):
     """Each pattern gives one process's gradients (or parameters), on both ranks."""
-    for rank, results in enumerate(pools.run(2, case_all, sp)):
-        failed = {name: r for name, r in results.items() if r is not True}
-        assert not failed, f"rank {rank}: {failed}"
-        assert set(results) == set(CASES)
+    assert_all_passed(pools.run(2, case_all, sp), CASES)
+
+
+def test_torch_partial_scaling_and_dot_by_torch_version(pools):
+    """Measured: torch 2.7's DTensor scales a Partial tensor in place wrongly and has no aten.dot rule; 2.13, 2.14.1
+    and 2.15 do both (the cases above then need no workaround); 2.8 to 2.12 were not measured."""
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if (2, 7) < version < (2, 13):
+        pytest.skip(f"not measured on torch {torch.__version__}")
+    assert pools.run(2, partial_scaling_is_exact) == [version >= (2, 13)] * 2
+    assert pools.run(2, dot_has_a_rule) == [version >= (2, 13)] * 2
