@@ -10,6 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtp.runtime.sharding import local_slice
 
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])  # (major, minor), e.g. (2, 13)
+
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
               torch.float64: dict(rtol=1e-10, atol=1e-10)}
 

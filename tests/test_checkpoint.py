@@ -11,7 +11,6 @@ from torch.distributed.tensor import DTensor
 import dtp
 from examples.gpt import GPT, GPTConfig, tp_plan
 
-from .reference import assert_close
 
 CFG = dict(vocab_size=30, dim=16, n_heads=4, hidden=24, n_layers=2)
 

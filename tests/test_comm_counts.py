@@ -1,8 +1,5 @@
 """Collective counts with torch's CommDebugMode: each layout issues Megatron's minimum and nothing more."""
 
-from collections import Counter
-
-import pytest
 import torch
 from torch.distributed.tensor import Shard
 

@@ -19,11 +19,7 @@ from dtp.runtime.collectives import axis_of, chunk_sizes
 from dtp.runtime.conversions import from_local
 from examples.gpt import GPT, GPTConfig, tp_plan
 
-from .reference import assert_close
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+from .reference import TORCH_VERSION, assert_close, full
 
 
 def close64(actual, expected, what):
@@ -177,7 +173,7 @@ def test_gradient_penalty_agrees_with_torch_tp(pools):
     drops the second-order terms of some parameters: their gradients stay None)."""
     agree = pools.run(2, case_penalty_as_torch_tp)[0]
     assert agree["dtp"] is True, agree["dtp"]
-    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13):
+    if TORCH_VERSION >= (2, 13):
         assert agree["torch"] is True, agree["torch"]
 
 

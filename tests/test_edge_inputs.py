@@ -5,18 +5,13 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import dtp
 import parallel_linear
 from examples.gpt import GPT, GPTConfig, tp_plan
 from examples.llama import Llama, LlamaConfig, apply_tp
 
-from .reference import assert_close, expect_errors
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+from .reference import assert_close, expect_errors, full
 
 
 def _zero_grads(module, what):

@@ -1,7 +1,5 @@
 """check_replicas: drift between replicated copies and disagreeing shard metadata, named on every rank."""
 
-import copy
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -12,9 +12,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 import dtp
 
-from .reference import assert_close
-
-TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+from .reference import TORCH_VERSION, assert_close
 
 
 def full(t):

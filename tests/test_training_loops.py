@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 import dtp
 from examples.gpt import GPT, GPTConfig, tp_plan
 
-from .reference import checkpointed, full
+from .reference import TORCH_VERSION, checkpointed, full
 
 
 def _models(sp):
@@ -258,5 +258,4 @@ def test_training_loop_patterns_match_one_process(pools, sp):
 def test_norm_of_a_partial_tensor_by_torch_version(pools):
     """torch's DTensor norm of a Partial tensor is exact from torch 2.10 (measured: wrong on 2.7, 2.8 and 2.9, right on
     2.10, 2.13, 2.14.1 and 2.15), where the clip case above needs no workaround."""
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    assert pools.run(2, norm_of_partial_is_exact) == [version >= (2, 10)] * 2
+    assert pools.run(2, norm_of_partial_is_exact) == [TORCH_VERSION >= (2, 10)] * 2

@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import dtp
 
-from .reference import full
+from .reference import TORCH_VERSION, full
 from .test_training_loops import _ids, _loss, _models, _same, _same_grads, assert_all_passed, run_cases
 
 
@@ -215,8 +215,7 @@ def test_more_autograd_patterns_match_one_process(pools, sp):
 def test_torch_partial_scaling_and_dot_by_torch_version(pools):
     """Measured: torch 2.7's DTensor scales a Partial tensor in place wrongly and has no aten.dot rule; 2.13, 2.14.1
     and 2.15 do both (the cases above then need no workaround); 2.8 to 2.12 were not measured."""
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if (2, 7) < version < (2, 13):
+    if (2, 7) < TORCH_VERSION < (2, 13):
         pytest.skip(f"not measured on torch {torch.__version__}")
-    assert pools.run(2, partial_scaling_is_exact) == [version >= (2, 13)] * 2
-    assert pools.run(2, dot_has_a_rule) == [version >= (2, 13)] * 2
+    assert pools.run(2, partial_scaling_is_exact) == [TORCH_VERSION >= (2, 13)] * 2
+    assert pools.run(2, dot_has_a_rule) == [TORCH_VERSION >= (2, 13)] * 2

@@ -9,19 +9,13 @@ import torch
 import torch.distributed.tensor.parallel as torch_tp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard
 
 import dtp
 from dtp.runtime.local_shards import LocalShardError
 from examples.gpt import GPT, GPTConfig
 
-from .reference import assert_close, rank_world, record_collectives
-
-TORCH_RELEASE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-
-
-def full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
+from .reference import TORCH_VERSION, assert_close, full, rank_world, record_collectives
 
 
 def titan_plan(styles, local=True):
@@ -102,7 +96,7 @@ def case_declared_plain_shards():
                                                                                output_layouts=Replicate())}, 1),
     }
     for what, (module, plan, dim) in cases.items():
-        if what == "subclass" and TORCH_RELEASE < (2, 8):  # torch 2.7's DTensor, under torch's own style too
+        if what == "subclass" and TORCH_VERSION < (2, 8):  # torch 2.7's DTensor, under torch's own style too
             for styles in (dtp, torch_tp):
                 with pytest.raises(RuntimeError, match="view size is not compatible"):
                     dtp.parallelize_module(copy.deepcopy(module), mesh, plan(styles))(mine(x, dim).clone())
