@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import itertools
 import multiprocessing as mp
 import os
@@ -64,6 +65,7 @@ def worker_context():
 
 def _worker(rank, world_size, init_file, backend, pg_timeout_s, tasks, results, owner_pid, environ, stderr_path):
     redirect_stderr(stderr_path)  # the pool forwards it, and quotes its end if this rank dies
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal (a C++ crash) leaves its Python stacks there
     # Only the parent decides on Ctrl-C: a task must not turn it into an "err" reply and carry on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
@@ -249,7 +251,7 @@ class RankPool:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in replies]
                 for r in dead:
                     replies[r] = ("err", f"rank {r} died (exit code {self._procs[r].exitcode}); the end of its "
-                                         f"stderr:\n{self._logs.tail(r) or '(nothing)'}")
+                                         f"stderr:\n{self._logs.tail(r, 8000) or '(nothing)'}")
                 if time.monotonic() > deadline:
                     break
                 continue

@@ -148,13 +148,15 @@ def case_rank_one_aborts():
 
 
 def test_a_rank_killed_by_a_signal_is_reported_with_the_end_of_its_stderr(capfd):
-    """A rank that dies without a traceback (SIGABRT): the error names the signal's exit code and quotes its stderr;
-    what the ranks wrote reaches the owner's stderr, rank by rank."""
+    """A rank that dies without a traceback (SIGABRT): the error names the signal's exit code and quotes its stderr,
+    where faulthandler has written the rank's Python stacks; what the ranks wrote reaches the owner's stderr, rank by
+    rank."""
     with RankPool(2, timeout=600) as pool:
         with pytest.raises(RankError) as info:
             pool.run(case_rank_one_aborts)
     message = str(info.value)
     assert "rank 1 died (exit code -6)" in message and "gloo::EnforceNotMet" in message, message
+    assert "Fatal Python error: Aborted" in message and "in case_rank_one_aborts" in message, "no Python stack: " + message
     err = capfd.readouterr().err
     assert "[rank 0 of 2, stderr]\nrank 0 says hello on fd 2" in err, err
     assert "[rank 1 of 2, stderr]\nrank 1 says hello on fd 2" in err, err
