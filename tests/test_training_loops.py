@@ -90,6 +90,14 @@ def norm_of_partial_is_exact() -> bool:
     return torch.allclose(full(torch.linalg.vector_norm(partial)), torch.linalg.vector_norm(partial.full_tensor()))
 
 
+def sum_partial_grads(params, exact: bool) -> None:
+    """Where torch gets Partial tensors wrong (`exact` False), the README's workaround: sum the Partial gradients
+    first (one all-reduce each)."""
+    for p in params:
+        if not exact and isinstance(p.grad, DTensor) and p.grad.placements == (Partial(),):
+            p.grad = p.grad.redistribute(p.grad.device_mesh, [Replicate()])
+
+
 def case_clip_and_adamw(sp):
     model, single = _models(sp)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-6, foreach=True)
@@ -98,10 +106,7 @@ def case_clip_and_adamw(sp):
     for _ in range(2):
         _loss(model(_ids())).backward()
         _loss(single(_ids())).backward()
-        if not exact:  # the README's workaround on such a torch: sum the Partial gradients first (one all-reduce each)
-            for p in model.parameters():
-                if p.grad.placements == (Partial(),):
-                    p.grad = p.grad.redistribute(p.grad.device_mesh, [Replicate()])
+        sum_partial_grads(model.parameters(), exact)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         _same(norm, torch.nn.utils.clip_grad_norm_(single.parameters(), 0.1), "total norm")
         opt.step(), ref_opt.step()
@@ -225,34 +230,33 @@ CASES = {"checkpoint-nonreentrant": functools.partial(case_activation_checkpoint
          "partial-backward": case_partial_backward, "frozen": case_frozen, "ema-copy": case_ema_copy}
 
 
-def run_cases(cases: dict, sp) -> dict:
-    """Every case on this rank, each from seed 0: {name: True or the failure's text}, so one failing case does not
-    hide the others."""
+def run_cases(module: str, sp) -> dict:
+    """Every case of `module`'s CASES on this rank, each from seed 0: {name: True or the failure's text}, so one
+    failing case does not hide the others."""
+    import importlib
+
     out = {}
-    for name, case in cases.items():
+    for name, case in importlib.import_module(module).CASES.items():
         torch.manual_seed(0)
         try:
             out[name] = case(sp)
-        except Exception as exc:  # reported, per case, by assert_all_passed
+        except Exception as exc:  # reported, per case, by assert_cases_pass
             out[name] = f"{type(exc).__name__}: {exc}"
     return out
 
 
-def assert_all_passed(per_rank: list, cases: dict) -> None:
-    for rank, results in enumerate(per_rank):
+def assert_cases_pass(pools, module: str, cases: dict, sp) -> None:
+    """Every case of `module` (its CASES, here `cases`) passes on both ranks of a 2-rank pool."""
+    for rank, results in enumerate(pools.run(2, run_cases, module, sp)):
         failed = {name: r for name, r in results.items() if r is not True}
         assert not failed, f"rank {rank}: {failed}"
         assert set(results) == set(cases)
 
 
-def case_all(sp):
-    return run_cases(CASES, sp)
-
-
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_training_loop_patterns_match_one_process(pools, sp):
     """Each pattern gives one process's outputs, gradients and parameters, on both ranks."""
-    assert_all_passed(pools.run(2, case_all, sp), CASES)
+    assert_cases_pass(pools, __name__, CASES, sp)
 
 
 def test_norm_of_a_partial_tensor_by_torch_version(pools):

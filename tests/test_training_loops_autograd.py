@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 import dtp
 
 from .reference import TORCH_VERSION, full
-from .test_training_loops import _ids, _loss, _models, _same, _same_grads, assert_all_passed, run_cases
+from .test_training_loops import _ids, _loss, _models, _same, _same_grads, assert_cases_pass, sum_partial_grads
 
 
 def partial_scaling_is_exact() -> bool:
@@ -35,13 +35,6 @@ def dot_has_a_rule() -> bool:
     except NotImplementedError:
         return False
     return True
-
-
-def _summed(params, exact: bool):
-    """Where torch scales Partial tensors wrongly, the README's workaround: sum the Partial gradients first."""
-    for p in params:
-        if not exact and isinstance(p.grad, DTensor) and p.grad.placements == (Partial(),):
-            p.grad = p.grad.redistribute(p.grad.device_mesh, [Replicate()])
 
 
 def _both(model, single, step):
@@ -108,7 +101,7 @@ def case_optimizer_in_backward(sp):
         opts = {p: torch.optim.SGD([p], lr=0.1, momentum=0.9) for p in m.parameters()}
         for p in m.parameters():
             p.register_post_accumulate_grad_hook(
-                lambda p, opts=opts: (_summed([p], exact), opts[p].step(), opts[p].zero_grad()) and None)
+                lambda p, opts=opts: (sum_partial_grads([p], exact), opts[p].step(), opts[p].zero_grad()) and None)
         for seed in range(3):
             _loss(m((_ids() + seed) % 96)).backward()
         assert all(p.grad is None for p in m.parameters())
@@ -130,7 +123,7 @@ def case_scaled_between_backwards(sp):
     exact = partial_scaling_is_exact()
     for m in (model, single):
         _loss(m(_ids())).backward()
-        _summed(m.parameters(), exact)
+        sum_partial_grads(m.parameters(), exact)
         held = [p.grad for p in m.parameters()]
         for g in held:
             g.mul_(0.5)
@@ -186,7 +179,7 @@ def case_other_optimizers(sp):
                     opt.zero_grad()
                     loss = _loss(m((_ids() + seed) % 96))
                     loss.backward()
-                    _summed(m.parameters(), exact)
+                    sum_partial_grads(m.parameters(), exact)
                     return loss
                 opt.step(closure)
         for (pname, p), q in zip(model.named_parameters(), single.parameters()):  # Adam: g / sqrt(v) of tiny g
@@ -202,14 +195,10 @@ CASES = {"two-forwards": case_two_forwards, "block-applied-twice": case_block_ap
          "other-optimizers": case_other_optimizers}
 
 
-def case_all(sp):
-    return run_cases(CASES, sp)
-
-
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_more_autograd_patterns_match_one_process(pools, sp):
     """Each pattern gives one process's gradients (or parameters), on both ranks."""
-    assert_all_passed(pools.run(2, case_all, sp), CASES)
+    assert_cases_pass(pools, __name__, CASES, sp)
 
 
 def test_torch_partial_scaling_and_dot_by_torch_version(pools):
