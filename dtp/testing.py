@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from dtp.idle_ranks import IdleWatch
 from dtp.launch import exit_when_orphaned, pick_backend, run_under_torchrun
 from dtp.rank_logs import RankLogs, redirect_stderr
 
@@ -238,10 +239,11 @@ class RankPool:
         return [replies[r][1] for r in range(self.world_size)]
 
     def _collect(self, case_id, timeout: float) -> dict:
-        """Gather one reply per rank; after a failure give the others a short grace period."""
+        """Gather one reply per rank; after a failure give the others a short grace period (3 s, ended early once every
+        missing rank looks blocked: asleep, using no CPU, for a second)."""
         replies: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + timeout
-        grace_set = False
+        grace_set, idle = False, IdleWatch()
         while len(replies) < self.world_size:
             if not grace_set and any(kind == "err" for kind, _ in replies.values()):
                 deadline, grace_set = min(deadline, time.monotonic() + 3.0), True
@@ -252,7 +254,9 @@ class RankPool:
                 for r in dead:
                     replies[r] = ("err", f"rank {r} died (exit code {self._procs[r].exitcode}); the end of its "
                                          f"stderr:\n{self._logs.tail(r, 8000) or '(nothing)'}")
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline or (grace_set and idle.blocked(
+                        [p.pid for r, p in enumerate(self._procs) if r not in replies], now)):
                     break
                 continue
             if cid == case_id:

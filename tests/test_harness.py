@@ -1,5 +1,6 @@
 """dtp.testing.RankPool: real ranks, reused, failures reported with the rank's traceback, no hangs."""
 
+import os
 import time
 
 import pytest
@@ -160,3 +161,53 @@ def test_a_rank_killed_by_a_signal_is_reported_with_the_end_of_its_stderr(capfd)
     err = capfd.readouterr().err
     assert "[rank 0 of 2, stderr]\nrank 0 says hello on fd 2" in err, err
     assert "[rank 1 of 2, stderr]\nrank 1 says hello on fd 2" in err, err
+
+
+def case_rank_one_raises_rank_zero_later():
+    """Rank 1 raises at once; rank 0 computes for a while (a CPU loop), then raises too."""
+    if dist.get_rank() == 1:
+        raise ValueError("rank one is first")
+    end = time.thread_time() + 1.5  # CPU seconds: as long on a busy machine, in wall time longer still
+    while time.thread_time() < end:
+        pass
+    raise ValueError("rank zero comes later")
+
+
+def test_the_grace_after_a_failure_waits_for_a_rank_still_computing():
+    """The grace the others get after a rank fails ends early only for ranks that sit blocked: one still computing is
+    waited for, and its own error is reported too."""
+    with RankPool(2, timeout=600) as pool:
+        with pytest.raises(RankError) as info:
+            pool.run(case_rank_one_raises_rank_zero_later)
+    message = str(info.value)
+    assert "rank one is first" in message and "rank zero comes later" in message, message
+
+
+def test_idle_watch_tells_a_blocked_process_from_a_busy_one():
+    """dtp.idle_ranks.IdleWatch: a process asleep (as in a collective with a failed peer) is blocked after settle_s of
+    looks; one in a CPU loop never is."""
+    import subprocess
+    import sys
+
+    from dtp.idle_ranks import IdleWatch
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("reads /proc")
+    procs = {kind: subprocess.Popen([sys.executable, "-c", code]) for kind, code in
+             (("asleep", "import time; time.sleep(60)"), ("busy", "while True: pass"))}
+    try:
+        watches = {kind: IdleWatch(settle_s=0.5) for kind in procs}
+        seen = {kind: False for kind in procs}
+        start = time.monotonic()
+        while time.monotonic() - start < max(3.0, allowed(3.0)) and not seen["asleep"]:
+            now = time.monotonic()
+            for kind, proc in procs.items():
+                seen[kind] = seen[kind] or watches[kind].blocked([proc.pid], now)
+            time.sleep(0.1)
+        assert seen["asleep"], "a sleeping process was never seen blocked"
+        assert not seen["busy"], "a process in a CPU loop was taken for blocked"
+        assert not IdleWatch().blocked([], time.monotonic()), "no processes: nothing to wait for is not 'blocked'"
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
