@@ -2,7 +2,9 @@
 forwards summed into one loss, a block applied twice (its weights read twice in one graph), tensor hooks on
 parameters, a non-scalar backward(gradient=), anomaly mode, an optimizer stepped from post-accumulate-grad hooks,
 a model cast to float64 after its plan, gradients scaled in place between two backwards, requires_grad_ switched
-off and on, training on from a load_state_dict round trip, and Nesterov SGD, fused Adam and LBFGS."""
+off and on, training on from a load_state_dict round trip, Nesterov SGD, fused Adam, LBFGS and eight more of
+torch's optimizers, an EMA through torch's AveragedModel, module backward hooks (full and pre) and a forward hook
+that rewrites a block's output."""
 
 import copy
 
@@ -187,12 +189,78 @@ def case_other_optimizers(sp):
     return True
 
 
+def _zoo(params):
+    eps = dict(eps=1e-6)  # wk.bias's gradient is rounding noise (softmax ignores a key bias): no g / sqrt(v) of it
+    return [torch.optim.RMSprop(params, lr=1e-2, momentum=0.9, centered=True, **eps),
+            torch.optim.Adamax(params, lr=1e-2, **eps),
+            torch.optim.NAdam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, **eps),
+            torch.optim.RAdam(params, lr=1e-2, **eps), torch.optim.SGD(params, lr=0.1, weight_decay=0.1, maximize=True),
+            torch.optim.Adam(params, lr=1e-2, amsgrad=True, foreach=False, **eps), torch.optim.Adadelta(params),
+            torch.optim.ASGD(params, lr=0.1)]
+
+
+def case_optimizer_zoo(sp):
+    """RMSprop (momentum, centered), Adamax, NAdam (decoupled weight decay), RAdam, SGD (weight decay, maximize), Adam
+    (amsgrad, per-parameter loop), Adadelta and ASGD: two steps each (the second on their state) give one process's
+    parameters."""
+    exact = partial_scaling_is_exact()
+    for index in range(len(_zoo([torch.zeros(1, requires_grad=True)]))):
+        model, single = _models(sp)
+        for m in (model, single):
+            opt = _zoo(list(m.parameters()))[index]
+            for seed in range(2):
+                _loss(m((_ids() + seed) % 96)).backward()
+                sum_partial_grads(m.parameters(), exact)
+                opt.step()
+                opt.zero_grad()
+        for (pname, p), q in zip(model.named_parameters(), single.parameters()):
+            _same(p, q, f"{type(opt).__name__}: {pname}", tol=1e-4)
+    return True
+
+
+def case_ema_averaged_model(sp):
+    """torch.optim.swa_utils.AveragedModel (an EMA of the parameters, updated after each step) averages as in one
+    process."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model, single = _models(sp)
+    emas = []
+    for m in (model, single):
+        ema, opt = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9)), torch.optim.SGD(m.parameters(), lr=0.1)
+        for seed in range(3):
+            _loss(m((_ids() + seed) % 96)).backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update_parameters(m)
+        emas.append(ema)
+    assert int(emas[0].n_averaged) == int(emas[1].n_averaged) == 3
+    for (pname, p), q in zip(emas[0].module.named_parameters(), emas[1].module.parameters()):
+        _same(p, q, f"EMA of {pname}")
+    return True
+
+
+def case_module_hooks(sp):
+    """A full backward pre-hook that doubles a block's output gradient, a full backward hook counting its calls and a
+    forward hook that halves another block's output give one process's gradients; each hook runs once per pass."""
+    model, single = _models(sp)
+    calls = []
+    for m in (model, single):
+        m.layers[0].register_forward_hook(lambda mod, args, out: out * 0.5)
+        m.layers[1].register_full_backward_pre_hook(lambda mod, grad_out: tuple(g * 2 for g in grad_out))
+        m.layers[1].register_full_backward_hook(lambda mod, grad_in, grad_out: calls.append(len(grad_in)))
+        _loss(m(_ids())).backward()
+    assert len(calls) == 2, f"the full backward hook ran {len(calls)} times for 2 backwards"
+    _same_grads(model, single, "module hooks")
+    return True
+
+
 CASES = {"two-forwards": case_two_forwards, "block-applied-twice": case_block_applied_twice,
          "tensor-hooks": case_tensor_hooks, "nonscalar-backward": case_nonscalar_backward,
          "anomaly-mode": case_anomaly_mode, "optimizer-in-backward": case_optimizer_in_backward,
          "float64-after-plan": case_float64_after_plan, "scaled-between-backwards": case_scaled_between_backwards,
          "requires-grad-toggled": case_requires_grad_toggled, "load-state-dict-then-train": case_load_state_dict_then_train,
-         "other-optimizers": case_other_optimizers}
+         "other-optimizers": case_other_optimizers, "optimizer-zoo": case_optimizer_zoo,
+         "ema-averaged-model": case_ema_averaged_model, "module-hooks": case_module_hooks}
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
