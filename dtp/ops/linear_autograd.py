@@ -179,17 +179,17 @@ class RowLinearFn(torch.autograd.Function):
             x = x.narrow(-1, sum(in_sizes[: axis.rank]), in_sizes[axis.rank])
         x, w, _ = _autocast(x, w, None)
         partial = F.linear(x, w)
-        out_sizes = None
-        if out_dim is None:
-            pending = all_reduce(partial, axis, inplace=True)
-        else:
-            out_sizes = chunk_sizes(partial.shape[out_dim], axis.size)
-            pending = reduce_scatter(partial, out_dim, out_sizes, axis)
-        ctx.save_for_backward(x, w)  # the bookkeeping while the collective is in flight
+        out_sizes = None if out_dim is None else chunk_sizes(partial.shape[out_dim], axis.size)
+        # the bookkeeping before the collective, whose wait then follows at once: with ranks sharing CPU cores the
+        # collective's thread gets the core as it starts (the small MLP ~6% faster; nothing to overlap here anyway)
+        ctx.save_for_backward(x, w)
         ctx.x_in = x_in  # for a create_graph backward only: a reference (unpacking a saved DTensor costs a dispatch)
         ctx.params = (weight, bias)
         ctx.layout = (axis, in_sizes, split_input, out_dim, out_sizes, x_dtype)
-        y = pending.wait()
+        if out_dim is None:
+            y = all_reduce(partial, axis, inplace=True).wait()
+        else:
+            y = reduce_scatter(partial, out_dim, out_sizes, axis).wait()
         if bias is not None:  # once, after the reduction (y is the collective's own fresh output)
             b = _plain(bias._local_tensor)
             if out_dim == y.dim() - 1:  # scattered over the features: our slice of the bias
