@@ -2,8 +2,8 @@
 
 A rank waiting in a collective for a peer that failed sleeps in C++ and uses no CPU beyond its parent watch's
 twice-a-second look; a rank still on its way to report its own error is running or runnable (it, or the thread that
-sends its reply).  RankPool ends the grace it
-gives the other ranks after a failure once every one of them has looked blocked for a while.
+sends its reply).  RankPool ends the grace it gives the other ranks after a failure once every one of them has
+looked blocked for a while.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class IdleWatch:
         self._since: dict[int, tuple[int, float]] = {}  # pid -> (CPU time when first seen asleep, when)
 
     def blocked(self, pids, now: float) -> bool:
-        """Whether every process in pids has stayed asleep, using no CPU, for settle_s up to `now` (monotonic s)."""
+        """Whether every process in pids has stayed asleep, using at most IDLE_SHARE of a core, for settle_s up to
+        `now` (monotonic seconds); False for no pids."""
         all_settled = bool(pids)
         for pid in pids:
             cpu = _cpu_if_asleep(pid)
