@@ -240,7 +240,7 @@ class RankPool:
 
     def _collect(self, case_id, timeout: float) -> dict:
         """Gather one reply per rank; after a failure give the others a short grace period (3 s, ended early once every
-        missing rank looks blocked: asleep, using no CPU, for a second)."""
+        missing rank looks blocked: asleep, using almost no CPU, for a second; dtp.idle_ranks)."""
         replies: dict[int, tuple[str, Any]] = {}
         deadline = time.monotonic() + timeout
         grace_set, idle = False, IdleWatch()

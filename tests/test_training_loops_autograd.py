@@ -189,14 +189,13 @@ def case_other_optimizers(sp):
     return True
 
 
-def _zoo(params):
-    eps = dict(eps=1e-6)  # wk.bias's gradient is rounding noise (softmax ignores a key bias): no g / sqrt(v) of it
-    return [torch.optim.RMSprop(params, lr=1e-2, momentum=0.9, centered=True, **eps),
-            torch.optim.Adamax(params, lr=1e-2, **eps),
-            torch.optim.NAdam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, **eps),
-            torch.optim.RAdam(params, lr=1e-2, **eps), torch.optim.SGD(params, lr=0.1, weight_decay=0.1, maximize=True),
-            torch.optim.Adam(params, lr=1e-2, amsgrad=True, foreach=False, **eps), torch.optim.Adadelta(params),
-            torch.optim.ASGD(params, lr=0.1)]
+_EPS = dict(eps=1e-6)  # wk.bias's gradient is rounding noise (softmax ignores a key bias): no g / sqrt(v) of it
+ZOO = [(torch.optim.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True, **_EPS)),
+       (torch.optim.Adamax, dict(lr=1e-2, **_EPS)),
+       (torch.optim.NAdam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, **_EPS)),
+       (torch.optim.RAdam, dict(lr=1e-2, **_EPS)), (torch.optim.SGD, dict(lr=0.1, weight_decay=0.1, maximize=True)),
+       (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, foreach=False, **_EPS)), (torch.optim.Adadelta, {}),
+       (torch.optim.ASGD, dict(lr=0.1))]
 
 
 def case_optimizer_zoo(sp):
@@ -204,17 +203,17 @@ def case_optimizer_zoo(sp):
     (amsgrad, per-parameter loop), Adadelta and ASGD: two steps each (the second on their state) give one process's
     parameters."""
     exact = partial_scaling_is_exact()
-    for index in range(len(_zoo([torch.zeros(1, requires_grad=True)]))):
+    for optimizer, options in ZOO:
         model, single = _models(sp)
         for m in (model, single):
-            opt = _zoo(list(m.parameters()))[index]
+            opt = optimizer(m.parameters(), **options)
             for seed in range(2):
                 _loss(m((_ids() + seed) % 96)).backward()
                 sum_partial_grads(m.parameters(), exact)
                 opt.step()
                 opt.zero_grad()
         for (pname, p), q in zip(model.named_parameters(), single.parameters()):
-            _same(p, q, f"{type(opt).__name__}: {pname}", tol=1e-4)
+            _same(p, q, f"{optimizer.__name__}: {pname}", tol=1e-4)
     return True
 
 
